@@ -1,0 +1,406 @@
+"""File formats between stages (a public contract, documented in the README).
+
+- features (safetensors): ``image`` [N, d], ``views`` [N, V, d] (float16/float32), optional
+  ``labels`` [N] int64.
+- text (safetensors): ``classifier`` [C, d], ``desc`` [M, d], ``desc_class`` [M] int64,
+  ``logit_scale`` 0-d float (the multiplier s); metadata ``class_names`` (JSON list).
+- database: ``.npy`` [N, d] float16/float32, memory-mapped.
+- output (safetensors): ``zero_shot``, ``retrieval``, ``final`` [N, C] probabilities and the
+  per-image diagnostics; a JSON summary at ``<out>.json``.
+
+Inputs are validated once, here; every problem is one ``RattaInputError`` line naming the
+file and key. Outputs are written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ratta.errors import RattaInputError
+
+EMBED_DTYPES = (torch.float16, torch.float32)
+NUMPY_EMBED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+# Accepted deviation of an embedding's L2 norm from 1 (float16 storage rounds at ~5e-4).
+NORM_TOL = 1e-2
+
+
+class RattaInputWarning(UserWarning):
+    """Input was usable after a fix (e.g. vectors re-normalised)."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    final = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_safetensors(
+    path: str | os.PathLike[str], tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Atomically write contiguous CPU tensors to a safetensors file."""
+    ready = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(ready, str(tmp), metadata=metadata)
+
+
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """Fail early, before any work, if ``path`` cannot be written."""
+    out = Path(path)
+    if out.is_dir():
+        raise RattaInputError(f"{out}: output path is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise RattaInputError(f"{out}: output directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise RattaInputError(f"{out}: output directory {out.parent} is not writable")
+    return out
+
+
+def _open(path: str | os.PathLike[str]) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise RattaInputError(f"{p}: file not found")
+    try:
+        return safe_open(str(p), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RattaInputError(f"{p}: not a readable safetensors file ({exc})") from None
+
+
+def _shape(handle: Any, path: Path, key: str, keys: set[str]) -> tuple[list[int], torch.dtype]:
+    if key not in keys:
+        raise RattaInputError(f"{path}: missing key '{key}' (found: {', '.join(sorted(keys))})")
+    sl = handle.get_slice(key)
+    dtype = {
+        "F16": torch.float16,
+        "F32": torch.float32,
+        "F64": torch.float64,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }.get(sl.get_dtype())
+    if dtype is None:
+        raise RattaInputError(f"{path}: key '{key}' has unsupported dtype {sl.get_dtype()}")
+    return list(sl.get_shape()), dtype
+
+
+def _expect(
+    path: Path,
+    key: str,
+    shape: list[int],
+    dtype: torch.dtype,
+    rank: int,
+    dtypes: tuple[torch.dtype, ...],
+    layout: str,
+) -> None:
+    if len(shape) != rank:
+        raise RattaInputError(
+            f"{path}: key '{key}' must have rank {rank} {layout}, got shape {tuple(shape)}"
+        )
+    if dtype not in dtypes:
+        names = "/".join(str(t).removeprefix("torch.") for t in dtypes)
+        raise RattaInputError(
+            f"{path}: key '{key}' must be {names}, got {str(dtype).removeprefix('torch.')}"
+        )
+
+
+def check_embeddings(
+    x: Tensor, path: Path | str, key: str, row_offset: int = 0
+) -> tuple[Tensor, int]:
+    """Reject NaN/Inf and zero vectors; re-normalise vectors off the unit sphere.
+
+    ``x`` is [..., d]. Returns the (possibly re-normalised) tensor, same dtype, and how many
+    vectors were re-normalised, for the caller to report once.
+    """
+    if x.numel() == 0:
+        return x, 0
+    finite = torch.isfinite(x).all(-1)
+    if not bool(finite.all()):
+        bad = int((~finite).flatten().nonzero()[0]) // _rows_per_item(x)
+        raise RattaInputError(
+            f"{path}: key '{key}' contains NaN or Inf (first at row {bad + row_offset})"
+        )
+    norms = torch.linalg.vector_norm(x.float(), dim=-1)
+    if bool((norms == 0).any()):
+        bad = int((norms == 0).flatten().nonzero()[0]) // _rows_per_item(x)
+        raise RattaInputError(f"{path}: key '{key}' has a zero vector (row {bad + row_offset})")
+    off = int(((norms - 1).abs() > NORM_TOL).sum())
+    if off:
+        x = (x.float() / norms.unsqueeze(-1)).to(x.dtype)
+    return x, off
+
+
+def warn_renormalised(path: Path | str, key: str, count: int) -> None:
+    if count:
+        warnings.warn(
+            f"{path}: key '{key}': {count} vectors were not L2-normalised; normalised them",
+            RattaInputWarning,
+            stacklevel=2,
+        )
+
+
+def _rows_per_item(x: Tensor) -> int:
+    return max(1, int(np.prod(x.shape[1:-1]))) if x.ndim > 2 else 1
+
+
+# --------------------------------------------------------------------------- text
+
+
+@dataclass
+class TextFeatures:
+    """Zero-shot classifier W [C, d], descriptions T [M, d] with owners [M], scale s, names."""
+
+    classifier: Tensor
+    desc: Tensor
+    desc_class: Tensor
+    logit_scale: float
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.classifier.shape[1]
+
+
+def save_text(
+    path: str | os.PathLike[str],
+    text: TextFeatures,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    meta = dict(metadata or {})
+    meta["class_names"] = json.dumps(text.class_names)
+    save_safetensors(
+        path,
+        {
+            "classifier": text.classifier,
+            "desc": text.desc,
+            "desc_class": text.desc_class.to(torch.int64),
+            "logit_scale": torch.tensor(float(text.logit_scale), dtype=torch.float32),
+        },
+        meta,
+    )
+
+
+def load_text(path: str | os.PathLike[str]) -> TextFeatures:
+    """Load and validate a text-features file."""
+    p = Path(path)
+    with _open(p) as f:
+        keys = set(f.keys())
+        spec = {
+            "classifier": (2, EMBED_DTYPES, "[C, d]"),
+            "desc": (2, EMBED_DTYPES, "[M, d]"),
+            "desc_class": (1, (torch.int64,), "[M]"),
+            "logit_scale": (0, (torch.float16, torch.float32, torch.float64), "(a scalar)"),
+        }
+        for key, (rank, dtypes, layout) in spec.items():
+            shape, dtype = _shape(f, p, key, keys)
+            _expect(p, key, shape, dtype, rank, dtypes, layout)
+        tensors = {key: f.get_tensor(key) for key in spec}
+        meta = f.metadata() or {}
+    classifier, desc, desc_class = tensors["classifier"], tensors["desc"], tensors["desc_class"]
+    c, d = classifier.shape
+    if c == 0:
+        raise RattaInputError(f"{p}: key 'classifier' has no classes")
+    if desc.shape[1] != d:
+        raise RattaInputError(
+            f"{p}: key 'desc' has dimension {desc.shape[1]} but 'classifier' has {d}"
+        )
+    if desc_class.shape[0] != desc.shape[0]:
+        raise RattaInputError(
+            f"{p}: key 'desc_class' has {desc_class.shape[0]} entries "
+            f"for {desc.shape[0]} 'desc' rows"
+        )
+    if desc_class.numel() and (int(desc_class.min()) < 0 or int(desc_class.max()) >= c):
+        raise RattaInputError(
+            f"{p}: key 'desc_class' has class ids outside [0, {c - 1}] "
+            f"(min {int(desc_class.min())}, max {int(desc_class.max())})"
+        )
+    scale = float(tensors["logit_scale"])
+    if not np.isfinite(scale) or scale <= 0:
+        raise RattaInputError(
+            f"{p}: key 'logit_scale' must be a positive multiplier s (e.g. 100), got {scale}"
+        )
+    if "class_names" not in meta:
+        raise RattaInputError(f"{p}: missing metadata key 'class_names' (a JSON list of names)")
+    try:
+        names = json.loads(meta["class_names"])
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise RattaInputError(f"{p}: metadata key 'class_names' must be a JSON list of strings")
+    if len(names) != c:
+        raise RattaInputError(
+            f"{p}: metadata key 'class_names' lists {len(names)} names for {c} classes"
+        )
+    owned = torch.bincount(desc_class, minlength=c)
+    if bool((owned == 0).any()):
+        missing = int((owned == 0).nonzero()[0])
+        raise RattaInputError(
+            f"{p}: key 'desc_class': class {missing} ('{names[missing]}') has no description rows"
+            f" ({int((owned == 0).sum())} classes without descriptions)"
+        )
+    classifier, fixed = check_embeddings(classifier, p, "classifier")
+    warn_renormalised(p, "classifier", fixed)
+    desc, fixed = check_embeddings(desc, p, "desc")
+    warn_renormalised(p, "desc", fixed)
+    return TextFeatures(
+        classifier=classifier,
+        desc=desc,
+        desc_class=desc_class,
+        logit_scale=scale,
+        class_names=names,
+    )
+
+
+# --------------------------------------------------------------------------- features
+
+
+def save_features(
+    path: str | os.PathLike[str],
+    image: Tensor,
+    views: Tensor,
+    labels: Tensor | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    tensors = {"image": image, "views": views}
+    if labels is not None:
+        tensors["labels"] = labels.to(torch.int64)
+    save_safetensors(path, tensors, metadata)
+
+
+class FeatureReader:
+    """Lazy reader of a features file: shapes are checked on open, values per batch."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._file = _open(self.path)
+        keys = set(self._file.keys())
+        img_shape, img_dtype = _shape(self._file, self.path, "image", keys)
+        _expect(self.path, "image", img_shape, img_dtype, 2, EMBED_DTYPES, "[N, d]")
+        view_shape, view_dtype = _shape(self._file, self.path, "views", keys)
+        _expect(self.path, "views", view_shape, view_dtype, 3, EMBED_DTYPES, "[N, V, d]")
+        self.num_images, self.dim = img_shape
+        if view_shape[0] != self.num_images or view_shape[2] != self.dim:
+            raise RattaInputError(
+                f"{self.path}: key 'views' has shape {tuple(view_shape)}, "
+                f"expected [{self.num_images}, V, {self.dim}] to match 'image'"
+            )
+        if self.num_images == 0:
+            raise RattaInputError(f"{self.path}: key 'image' holds no test images")
+        self.num_views = view_shape[1]
+        self.renormalised = {"image": 0, "views": 0}
+        self.labels: Tensor | None = None
+        if "labels" in keys:
+            shape, dtype = _shape(self._file, self.path, "labels", keys)
+            _expect(self.path, "labels", shape, dtype, 1, (torch.int64,), "[N]")
+            if shape[0] != self.num_images:
+                raise RattaInputError(
+                    f"{self.path}: key 'labels' has {shape[0]} entries for {self.num_images} images"
+                )
+            self.labels = self._file.get_tensor("labels")
+
+    def check_labels(self, num_classes: int) -> None:
+        if self.labels is not None and self.labels.numel():
+            lo, hi = int(self.labels.min()), int(self.labels.max())
+            if lo < 0 or hi >= num_classes:
+                raise RattaInputError(
+                    f"{self.path}: key 'labels' has values outside [0, {num_classes - 1}] "
+                    f"(min {lo}, max {hi})"
+                )
+
+    def batch(self, start: int, stop: int) -> Tensor:
+        """Validated test embeddings [b, V+1, d] of images start..stop-1 (x_0 first)."""
+        image = self._file.get_slice("image")[start:stop]
+        views = self._file.get_slice("views")[start:stop]
+        image, fixed_image = check_embeddings(image, self.path, "image", start)
+        views, fixed_views = check_embeddings(views, self.path, "views", start)
+        self.renormalised["image"] += fixed_image
+        self.renormalised["views"] += fixed_views
+        return torch.cat([image.unsqueeze(1), views.to(image.dtype)], dim=1)
+
+    def warn_renormalised(self) -> None:
+        """Report (once) how many vectors the batches read so far had to re-normalise."""
+        for key, count in self.renormalised.items():
+            warn_renormalised(self.path, key, count)
+
+    def close(self) -> None:
+        self._file.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------- database
+
+
+def open_database(path: str | os.PathLike[str]) -> np.ndarray:
+    """Memory-map a database ``.npy`` [N, d] and check its header."""
+    p = Path(path)
+    if not p.is_file():
+        raise RattaInputError(f"{p}: database file not found")
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise RattaInputError(f"{p}: not a readable .npy array ({exc})") from None
+    if arr.ndim != 2:
+        raise RattaInputError(f"{p}: database must have rank 2 [N, d], got shape {arr.shape}")
+    if arr.dtype not in NUMPY_EMBED_DTYPES:
+        raise RattaInputError(f"{p}: database must be float16/float32, got {arr.dtype}")
+    if arr.shape[0] == 0:
+        raise RattaInputError(f"{p}: database is empty (0 rows)")
+    return arr
+
+
+def load_database(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    chunk_rows: int = 1 << 16,
+) -> Tensor:
+    """Read a database into one [N, d] tensor of ``dtype``, validating it chunk by chunk."""
+    p = Path(path)
+    arr = open_database(p)
+    out = torch.empty(arr.shape, dtype=dtype, device=device)
+    fixed = 0
+    for start in range(0, arr.shape[0], chunk_rows):
+        block = torch.from_numpy(np.array(arr[start : start + chunk_rows]))
+        block, n = check_embeddings(block.to(device=device, dtype=dtype), p, "database", start)
+        out[start : start + chunk_rows] = block
+        fixed += n
+    del arr
+    warn_renormalised(p, "database", fixed)
+    return out
+
+
+def save_database(path: str | os.PathLike[str], embeddings: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, embeddings)
