@@ -269,3 +269,30 @@ def test_non_normalised_vectors_are_normalised_with_a_warning(
     torch.testing.assert_close(
         load_file(str(out))["final"], load_file(str(good))["final"], atol=1e-5, rtol=0
     )
+
+
+def test_features_without_views_or_labels(
+    world: SyntheticWorld, world_files, tmp_path, capsys
+) -> None:
+    f = load_file(str(world_files["features"]))
+    save_file(
+        {"image": f["image"], "views": f["views"][:, :0].contiguous()}, str(world_files["features"])
+    )
+    out = tmp_path / "o.safetensors"
+    assert main(adapt_args(world_files, out)) == 0
+    assert "accuracy not computed" in capsys.readouterr().out
+    got = load_file(str(out))
+    assert "labels" not in got
+    summary = json.loads(Path(f"{out}.json").read_text())
+    assert summary["counts"]["views"] == 0 and "metrics" not in summary
+    t = world.text
+    expected = ratta_batch(
+        world.image.unsqueeze(1),
+        t.classifier,
+        t.desc,
+        t.desc_class,
+        t.logit_scale,
+        ExactRetriever(torch.from_numpy(world.database)),
+        RATTAConfig(),
+    )
+    torch.testing.assert_close(got["final"], expected.final, atol=1e-5, rtol=0)
