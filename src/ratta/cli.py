@@ -40,6 +40,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
         help="exact: BLAS scan (default); faiss: IndexFlatL2",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_adapt)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +51,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dir", default=None, help="keep the generated files here (default: temp)")
     p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_demo)
+
+
+# Each stage registers its subcommand: add_parser(subparsers) sets ``func`` on its parser.
+SUBCOMMANDS = [_add_adapt, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ratta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_adapt(sub)
-    _add_demo(sub)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
@@ -125,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning_line  # type: ignore[assignment]
     try:
-        return {"adapt": _run_adapt, "demo": _run_demo}[args.command](args)
+        return int(args.func(args))
     except RattaInputError as exc:
         print(f"ratta: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
