@@ -132,8 +132,12 @@ def adapt(
                     f"{text} has {txt.dim}"
                 )
         del header
-        database = load_database(db, dtype=work, device=dev)
-        retriever = ExactRetriever(database) if search == "exact" else FaissRetriever.flat(database)
+        database, sq_norms = load_database(db, dtype=work, device=dev)
+        retriever = (
+            ExactRetriever(database, sq_norms)
+            if search == "exact"
+            else FaissRetriever.flat(database)
+        )
         classifier = txt.classifier.to(device=dev, dtype=work)
         desc = txt.desc.to(device=dev, dtype=work)
         desc_class = txt.desc_class.to(dev)

@@ -21,8 +21,9 @@ from torch import Tensor
 from ratta.config import RATTAConfig
 from ratta.sinkhorn import sinkhorn_knopp
 
-# Upper bound on the [b, M, V+1] similarity block scored at once (elements).
-_SCORE_BLOCK = 1 << 24
+# Size (elements) of the [b, V+1, M] similarity block scored at once: small enough to stay
+# in cache between the GEMM and the reductions (measured fastest at ~8 MB on a 2-core CPU).
+_SCORE_BLOCK = 1 << 21
 
 
 class Retriever(Protocol):

@@ -143,20 +143,31 @@ def check_embeddings(
     """
     if x.numel() == 0:
         return x, 0
-    finite = torch.isfinite(x).all(-1)
-    if not bool(finite.all()):
-        bad = int((~finite).flatten().nonzero()[0]) // _rows_per_item(x)
+    norms = torch.linalg.vector_norm(x.float(), dim=-1)
+    fixed = _check_norms(x, norms, path, key, row_offset)
+    if fixed:
+        x = (x.float() / norms.unsqueeze(-1)).to(x.dtype)
+    return x, fixed
+
+
+def _check_norms(x: Tensor, norms: Tensor, path: Path | str, key: str, row_offset: int) -> int:
+    """One pass over the norms finds every bad vector; returns how many are off the sphere."""
+    per_item = _rows_per_item(x)
+    if not bool(torch.isfinite(norms).all()):
+        finite = torch.isfinite(x).all(-1)
+        if bool(finite.all()):
+            bad = int((~torch.isfinite(norms)).flatten().nonzero()[0]) // per_item
+            raise RattaInputError(
+                f"{path}: key '{key}' has a vector too large to normalise (row {bad + row_offset})"
+            )
+        bad = int((~finite).flatten().nonzero()[0]) // per_item
         raise RattaInputError(
             f"{path}: key '{key}' contains NaN or Inf (first at row {bad + row_offset})"
         )
-    norms = torch.linalg.vector_norm(x.float(), dim=-1)
     if bool((norms == 0).any()):
-        bad = int((norms == 0).flatten().nonzero()[0]) // _rows_per_item(x)
+        bad = int((norms == 0).flatten().nonzero()[0]) // per_item
         raise RattaInputError(f"{path}: key '{key}' has a zero vector (row {bad + row_offset})")
-    off = int(((norms - 1).abs() > NORM_TOL).sum())
-    if off:
-        x = (x.float() / norms.unsqueeze(-1)).to(x.dtype)
-    return x, off
+    return int(((norms - 1).abs() > NORM_TOL).sum())
 
 
 def warn_renormalised(path: Path | str, key: str, count: int) -> None:
@@ -385,22 +396,112 @@ def load_database(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     chunk_rows: int = 1 << 16,
-) -> Tensor:
-    """Read a database into one [N, d] tensor of ``dtype``, validating it chunk by chunk."""
+) -> tuple[Tensor, Tensor]:
+    """Read a database into one [N, d] tensor of ``dtype``, validating it chunk by chunk.
+
+    Returns the embeddings and their squared norms [N] (after any re-normalisation), which
+    exact L2 search needs.
+    """
     p = Path(path)
     arr = open_database(p)
     out = torch.empty(arr.shape, dtype=dtype, device=device)
+    sq_norms = torch.empty(arr.shape[0], dtype=dtype, device=device)
     fixed = 0
     for start in range(0, arr.shape[0], chunk_rows):
-        block = torch.from_numpy(np.array(arr[start : start + chunk_rows]))
-        block, n = check_embeddings(block.to(device=device, dtype=dtype), p, "database", start)
-        out[start : start + chunk_rows] = block
+        block = out[start : start + chunk_rows]
+        block.copy_(_readonly_tensor(arr[start : start + chunk_rows]))
+        norms = torch.linalg.vector_norm(block, dim=-1)
+        n = _check_norms(block, norms, p, "database", start)
+        if n:
+            block.div_(norms.unsqueeze(1))
+            norms = torch.linalg.vector_norm(block, dim=-1)
+        sq_norms[start : start + chunk_rows] = norms * norms
         fixed += n
     del arr
     warn_renormalised(p, "database", fixed)
-    return out
+    return out, sq_norms
+
+
+def _readonly_tensor(arr: np.ndarray) -> Tensor:
+    """A tensor over a read-only (memory-mapped) array, only ever read: no copy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(arr))
 
 
 def save_database(path: str | os.PathLike[str], embeddings: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, embeddings)
+
+
+_ST_DTYPES = {
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file piece by piece (memory bounded by one piece).
+
+    The header is computed from the declared shapes up front; tensors are then appended in
+    declaration order, each as consecutive pieces along its first dimension. Use inside
+    :func:`atomic_path` so a file is only visible once complete.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        header: dict[str, Any] = {}
+        offset = 0
+        self._sizes: dict[str, int] = {}
+        for name, (dtype, shape) in specs.items():
+            nbytes = (
+                int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+            )
+            header[name] = {
+                "dtype": _ST_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self._sizes[name] = nbytes
+            offset += nbytes
+        if metadata:
+            header["__metadata__"] = metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._specs = specs
+        self._order = list(specs)
+        self._written = dict.fromkeys(specs, 0)
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._fh.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, name: str, piece: Tensor) -> None:
+        pending = [n for n in self._order if self._written[n] < self._sizes[n]]
+        if not pending or pending[0] != name:
+            raise RuntimeError(f"tensor '{name}' written out of order")
+        dtype = self._specs[name][0]
+        data = piece.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy()
+        self._fh.write(data.tobytes())
+        self._written[name] += data.nbytes
+        if self._written[name] > self._sizes[name]:
+            raise RuntimeError(f"tensor '{name}' got more data than its declared shape")
+
+    def close(self) -> None:
+        incomplete = [n for n in self._order if self._written[n] != self._sizes[n]]
+        self._fh.close()
+        if incomplete:
+            raise RuntimeError(f"tensors {incomplete} are incomplete")
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

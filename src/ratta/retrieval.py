@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Target size (elements) of one [Q, rows] distance block of the exact scan.
-_SCAN_BLOCK = 1 << 24
+# Target size (elements) of one [Q, rows] distance block of the exact scan: cache-sized
+# blocks keep the GEMM compute-bound (a 64 MB block was 1.5x slower than 16 MB on 2 cores).
+_SCAN_BLOCK = 1 << 22
+_SCAN_ROWS = (2048, 16384)
 
 
 def _order_by_distance(dist: Tensor, ids: Tensor) -> Tensor:
@@ -28,11 +30,13 @@ class ExactRetriever:
     FAISS ``IndexFlatL2`` up to floating-point ties, at several times its speed on CPU.
     """
 
-    def __init__(self, embeddings: Tensor) -> None:
+    def __init__(self, embeddings: Tensor, sq_norms: Tensor | None = None) -> None:
         if embeddings.ndim != 2 or embeddings.shape[0] == 0:
             raise ValueError("ExactRetriever needs a non-empty [N, d] tensor")
         self.embeddings = embeddings
-        self.sq_norms = (embeddings * embeddings).sum(1)
+        if sq_norms is None:
+            sq_norms = (embeddings * embeddings).sum(1)
+        self.sq_norms = sq_norms.to(embeddings.dtype)
 
     @property
     def size(self) -> int:
@@ -42,7 +46,7 @@ class ExactRetriever:
         n = self.size
         k = min(k, n)
         queries = queries.to(self.embeddings.dtype)
-        rows = min(n, max(4096, _SCAN_BLOCK // max(1, queries.shape[0])))
+        rows = min(n, max(_SCAN_ROWS[0], min(_SCAN_ROWS[1], _SCAN_BLOCK // queries.shape[0])))
         best_d: Tensor | None = None
         best_i: Tensor | None = None
         for start in range(0, n, rows):
