@@ -37,3 +37,62 @@ def stacked(world: SyntheticWorld) -> torch.Tensor:
 
 def as_numpy64(t: torch.Tensor | np.ndarray) -> np.ndarray:
     return t.double().numpy() if isinstance(t, torch.Tensor) else t.astype(np.float64)
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> dict[str, Path]:
+    """A randomly initialised small open_clip model: its JSON config and a checkpoint file."""
+    import json
+
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    config = folder / "tiny-clip.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip")
+    checkpoint = folder / "tiny-clip.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return {"config": config, "checkpoint": checkpoint}
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Small random RGB images of varied sizes and formats."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        h, w = int(rng.integers(24, 64)), int(rng.integers(24, 64))
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        path = folder / f"img{i:03d}.{'png' if i % 3 == 0 else 'jpg'}"
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+DTD_CLASSES = ["zigzagged", "banded", "woven_fabric"]  # label order of the split file
+
+
+def make_coop_dtd(root: Path, per_class: int = 3, seed: int = 0) -> tuple[list[Path], list[int]]:
+    """A DTD test split in CoOp's layout with real images; returns paths and labels in order."""
+    import json
+
+    test = []
+    for label, name in enumerate(DTD_CLASSES):
+        paths = write_images(root / "dtd" / "images" / name, per_class, seed=seed + label)
+        test += [[f"{name}/{p.name}", label, name] for p in paths]
+    order = list(np.random.default_rng(seed).permutation(len(test)))
+    test = [test[i] for i in order]
+    split = {"train": [], "val": [], "test": test}
+    (root / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    return [root / "dtd" / "images" / t[0] for t in test], [t[1] for t in test]

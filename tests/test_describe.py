@@ -263,13 +263,21 @@ def test_class_file_ignores_blank_lines_and_rejects_duplicates(tmp_path: Path) -
         read_class_names(f)
 
 
-def test_dataset_without_classes_asks_for_a_classes_file(tmp_path: Path, capsys) -> None:
+def test_dataset_without_classes_or_data_root_asks_for_one(tmp_path: Path, capsys) -> None:
     out = tmp_path / "d.json"
-    argv = ["describe", "--dataset", "dtd", "--data-root", str(tmp_path), "--out", str(out)]
+    argv = ["describe", "--dataset", "dtd", "--out", str(out)]
     assert main([*argv, "--llm-model", "m"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ratta: error: ") and "--classes" in err and err.count("\n") == 1
-    assert not out.exists()
+    assert err.startswith("ratta: error: ") and "--classes" in err and "--data-root" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_dataset_class_names_come_from_the_data_root(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "d.json"
+    argv = ["describe", "--dataset", "dtd", "--data-root", str(tmp_path), "--out", str(out)]
+    assert main([*argv, "--templates-only"]) == 2  # no dtd folder there: one line naming it
+    err = capsys.readouterr().err
+    assert "split_zhou_DescribableTextures.json" in err and err.count("\n") == 1
 
 
 def test_llm_model_is_required_without_templates_only(tmp_path: Path, capsys) -> None:

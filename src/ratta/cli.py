@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ratta import __version__
 from ratta.config import RATTAConfig
+from ratta.datasets.cli import add_parser as _add_datasets
+from ratta.describe import add_parser as _add_describe
 from ratta.errors import RattaInputError
+from ratta.files import write_text_atomic
 
 EXIT_USAGE = 2
 
@@ -54,8 +59,267 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_demo)
 
 
+def _backbone_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone (open_clip)")
+    g.add_argument("--model", default="ViT-B-16", help="open_clip architecture (%(default)s)")
+    g.add_argument(
+        "--pretrained",
+        default="openai",
+        help="open_clip weight tag, or a local checkpoint file (%(default)s)",
+    )
+    g.add_argument(
+        "--model-config",
+        default=None,
+        help="JSON architecture config (open_clip format) for a custom model",
+    )
+    g.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "fp16", "bf16"),
+        help="fp16/bf16: autocast on CUDA",
+    )
+
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="one of the 17 datasets, 'folder' (root/<class>/*) or 'csv'",
+    )
+    p.add_argument(
+        "--data-root",
+        required=True,
+        help="data root (CoOp layout); the folder or the CSV file for folder/csv",
+    )
+    p.add_argument(
+        "--class-names",
+        default=None,
+        help="csv datasets: file with one class name per line, in label order",
+    )
+
+
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--views", type=int, default=100, help="random views V (%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the views (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="test images per batch")
+    p.add_argument("--forward-batch", type=int, default=256, help="crops per model forward")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="image decoding/augmentation workers (%(default)s)",
+    )
+    p.add_argument(
+        "--feature-dtype",
+        default="float16",
+        choices=("float16", "float32"),
+        help="stored dtype of the features (%(default)s)",
+    )
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    from ratta.backbones import BackboneSpec
+
+    model = args.model
+    if args.model_config and model == "ViT-B-16":  # the default does not apply to a config
+        model = None
+    return BackboneSpec(
+        model=model,
+        pretrained=args.pretrained,
+        model_config=args.model_config,
+        precision=args.precision,
+    )
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="encode test images and their random views",
+        description="Write the features file (image, views, labels) of a "
+        "dataset's test split; resumable.",
+    )
+    _dataset_args(p)
+    _backbone_args(p)
+    _extract_args(p)
+    p.add_argument("--chunk-size", type=int, default=256, help="images per resumable chunk")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="features .safetensors (summary at OUT.json)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from ratta.adapt import resolve_device
+    from ratta.backbones import load_backbone
+    from ratta.datasets import load_split
+    from ratta.extract import ExtractSettings, extract_features
+
+    settings = ExtractSettings(views=args.views, seed=args.seed, dtype=args.feature_dtype)
+    split = load_split(args.dataset, args.data_root, csv_classes=args.class_names)
+    backbone = load_backbone(_spec(args), resolve_device(args.device))
+    summary = extract_features(
+        [p for p, _ in split.items],
+        [y for _, y in split.items],
+        backbone,
+        args.out,
+        settings,
+        batch_size=args.batch_size,
+        forward_batch=args.forward_batch,
+        workers=args.workers,
+        chunk_size=args.chunk_size,
+        metadata={"dataset": args.dataset, "split": split.fingerprint()},
+        progress=not args.quiet,
+    )
+    print(
+        f"{summary['images']} images x (1 + {summary['views']}) crops, "
+        f"{summary['skipped']} skipped, {summary['timings_s']['total']:.1f} s; wrote {args.out}"
+    )
+    for item in summary["skipped_images"][:10]:
+        print(f"  skipped {item['path']}: {item['error']}")
+    return 0
+
+
+def _add_text(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "text",
+        help="encode the CuPL classifier and description rows",
+        description="Write the text features file of a dataset.",
+    )
+    _dataset_args(p)
+    _backbone_args(p)
+    p.add_argument(
+        "--descriptions",
+        default="auto",
+        help="CuPL JSON file, or 'auto' for the published file (%(default)s)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="take templates and prefix from this dataset's preset (custom data)",
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="classes without descriptions use the hand templates",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="text .safetensors (summary at OUT.json)")
+    p.set_defaults(func=_run_text)
+
+
+def _run_text(args: argparse.Namespace) -> int:
+    from ratta.adapt import resolve_device
+    from ratta.backbones import load_backbone
+    from ratta.datasets import load_split
+    from ratta.run import dataset_preset, resolve_descriptions
+    from ratta.text import build_text_features
+
+    preset = dataset_preset(args.dataset, args.preset)
+    names = load_split(args.dataset, args.data_root, csv_classes=args.class_names).class_names
+    desc = resolve_descriptions(args.descriptions, preset)
+    backbone = load_backbone(_spec(args), resolve_device(args.device))
+    summary = build_text_features(
+        names,
+        desc,
+        preset.templates,
+        preset.pre,
+        backbone,
+        args.out,
+        allow_missing=args.allow_missing,
+        metadata={"dataset": args.dataset},
+    )
+    print(
+        f"{summary['classes']} classes, {summary['description_rows']} description rows, "
+        f"logit scale {summary['logit_scale']:.2f}; wrote {args.out}"
+    )
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    d = RATTAConfig()
+    p = sub.add_parser(
+        "run",
+        help="extract -> text -> adapt for one dataset, cached",
+        description="Run the whole pipeline on a dataset; expensive features are "
+        "cached by content and reused.",
+    )
+    _dataset_args(p)
+    _backbone_args(p)
+    _extract_args(p)
+    p.add_argument("--db", required=True, help="image database .npy")
+    p.add_argument("--descriptions", default="auto", help="CuPL JSON file or 'auto'")
+    p.add_argument("--preset", default=None, help="text preset for custom datasets")
+    p.add_argument("--allow-missing", action="store_true")
+    p.add_argument("--k-d", type=int, default=d.k_d)
+    p.add_argument("--k-s", type=int, default=d.k_s)
+    p.add_argument(
+        "--quantile",
+        type=float,
+        default=None,
+        help="q (default: the dataset preset's, 0.9 for the ImageNet family)",
+    )
+    p.add_argument("--min-desc", type=int, default=d.min_desc)
+    p.add_argument("--adapt-batch-size", type=int, default=256)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--cache", default=None, help="cache folder (default: $RATTA_CACHE or ~/.cache/ratta)"
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from ratta.adapt import resolve_device
+    from ratta.extract import ExtractSettings
+    from ratta.run import dataset_preset, run
+
+    quantile = args.quantile
+    if quantile is None:
+        quantile = dataset_preset(args.dataset, args.preset).quantile
+    config = RATTAConfig(k_d=args.k_d, k_s=args.k_s, quantile=quantile, min_desc=args.min_desc)
+    summary = run(
+        args.dataset,
+        args.data_root,
+        args.db,
+        args.out,
+        backbone=_spec(args),
+        settings=ExtractSettings(views=args.views, seed=args.seed, dtype=args.feature_dtype),
+        descriptions=args.descriptions,
+        preset=args.preset,
+        class_names_file=args.class_names,
+        allow_missing=args.allow_missing,
+        config=config,
+        cache=args.cache,
+        device=str(resolve_device(args.device)),
+        batch_size=args.batch_size,
+        forward_batch=args.forward_batch,
+        workers=args.workers,
+        adapt_batch_size=args.adapt_batch_size,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
+    table = format_results(summary)
+    write_text_atomic(Path(args.out) / "results.md", f"# {args.dataset}\n\n```\n{table}\n```\n")
+    c = summary["cache"]
+    print(table)
+    print(f"features {'reused' if c['features_reused'] else 'computed'}: {c['features']}")
+    print(f"text {'reused' if c['text_reused'] else 'computed'}: {c['text']}")
+    print(f"wrote {Path(args.out) / 'predictions.safetensors'}, results.json and results.md")
+    return 0
+
+
 # Each stage registers its subcommand: add_parser(subparsers) sets ``func`` on its parser.
-SUBCOMMANDS = [_add_adapt, _add_demo]
+SUBCOMMANDS = [
+    _add_adapt,
+    _add_extract,
+    _add_text,
+    _add_run,
+    _add_demo,
+    _add_describe,
+    _add_datasets,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ratta: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("ratta: interrupted; no output was written", file=sys.stderr)
+        print(
+            "ratta: interrupted; no partial output files were left "
+            "(extract and describe resume from their saved progress)",
+            file=sys.stderr,
+        )
         return 130
 
 

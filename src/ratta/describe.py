@@ -209,14 +209,15 @@ def read_class_names(path: str | os.PathLike[str]) -> list[str]:
 
 
 def _dataset_class_names(dataset: str, data_root: str | None) -> list[str]:
-    """Class names of ``dataset`` in label order, read from its files under ``data_root``.
+    """Class names of ``dataset`` in label order, read from its files under ``data_root``."""
+    if not data_root:
+        raise RattaInputError(
+            f"--dataset {dataset}: give --data-root DIR to read its class names, "
+            "or --classes FILE (one name per line)"
+        )
+    from ratta.datasets import class_names
 
-    Datasets do not provide their class names in this build, so this asks for ``--classes``.
-    """
-    raise RattaInputError(
-        f"class names of dataset '{dataset}' are not available in this build; "
-        "give them with --classes FILE (one name per line)"
-    )
+    return class_names(dataset, data_root)
 
 
 def _check_template(template: str, what: str) -> None:

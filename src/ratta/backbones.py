@@ -1,0 +1,246 @@
+"""CLIP-like backbones through open_clip: named weights, local checkpoints, custom configs."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ratta.errors import RattaInputError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the image side of the backbone expects (open_clip's preprocess config)."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build a backbone: an open_clip model name with a weight tag or a local file.
+
+    Attributes:
+        model: open_clip architecture name (``ViT-B-16``), or ``None`` with ``model_config``.
+        pretrained: an open_clip tag (``openai``) or a path to a checkpoint (open_clip state
+            dict, ``.safetensors``, or an OpenAI CLIP ``.pt`` archive).
+        model_config: a JSON architecture config (open_clip's format) for custom models.
+        precision: fp32, or fp16/bf16 autocast (CUDA only).
+    """
+
+    model: str | None = "ViT-B-16"
+    pretrained: str | None = "openai"
+    model_config: str | None = None
+    precision: str = "fp32"
+
+
+def sha256_file(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def cached_file_hash(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) within the process."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_MEMO:
+        _HASH_MEMO[key] = sha256_file(path)
+    return _HASH_MEMO[key]
+
+
+def _is_openai_archive(path: Path) -> bool:
+    """OpenAI CLIP checkpoints are TorchScript zip archives (with a ``constants.pkl``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") for name in zf.namelist())
+
+
+def resolve_model_name(spec: BackboneSpec) -> str:
+    """The open_clip name of the architecture, registering ``model_config`` if given."""
+    import open_clip
+
+    if spec.model_config:
+        cfg_path = Path(spec.model_config)
+        if not cfg_path.is_file():
+            raise RattaInputError(f"--model-config {cfg_path}: file not found")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RattaInputError(f"--model-config {cfg_path}: invalid JSON ({exc})") from None
+        if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
+            raise RattaInputError(
+                f"--model-config {cfg_path}: expected open_clip's format with "
+                "'embed_dim', 'vision_cfg' and 'text_cfg'"
+            )
+        open_clip.add_model_config(cfg_path)
+        name = cfg_path.stem
+        if spec.model and spec.model != name:
+            raise RattaInputError(
+                f"--model {spec.model} does not match --model-config {cfg_path} (its name is "
+                f"'{name}', the file's stem); drop --model or rename the file"
+            )
+        return name
+    if not spec.model:
+        raise RattaInputError("--model is required (or --model-config for a custom architecture)")
+    name = spec.model.replace("/", "-")
+    if name not in open_clip.list_models():
+        raise RattaInputError(
+            f"--model {spec.model}: unknown open_clip architecture "
+            "(see open_clip.list_models(), or pass --model-config)"
+        )
+    return name
+
+
+def backbone_fingerprint(spec: BackboneSpec) -> dict[str, Any]:
+    """What identifies the weights: architecture (and config content) plus tag or file hash."""
+    fp: dict[str, Any] = {"model": resolve_model_name(spec), "precision": spec.precision}
+    if spec.model_config:
+        fp["model_config_sha256"] = cached_file_hash(spec.model_config)
+    if spec.pretrained and Path(spec.pretrained).is_file():
+        fp["checkpoint_sha256"] = cached_file_hash(spec.pretrained)
+    else:
+        fp["pretrained"] = spec.pretrained
+    return fp
+
+
+@dataclass
+class Backbone:
+    """A loaded CLIP-like model with its tokenizer and image preprocessing."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    preprocessing: Preprocessing
+    spec: BackboneSpec
+    device: torch.device
+    fingerprint: dict[str, Any]
+
+    @property
+    def logit_scale(self) -> float:
+        """The multiplier s = exp(logit_scale) of the model."""
+        return float(self.model.logit_scale.detach().float().exp().cpu())
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.device.type == "cuda" and self.spec.precision in _AUTOCAST:
+            with torch.autocast("cuda", dtype=_AUTOCAST[self.spec.precision]):
+                yield
+        else:
+            yield
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """L2-normalised float32 image embeddings [B, d] of normalised pixels [B, 3, S, S]."""
+        with self._autocast():
+            feats = self.model.encode_image(pixels.to(self.device))
+        return F.normalize(feats.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> Tensor:
+        """L2-normalised float32 text embeddings [T, d] (texts truncated to the context)."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+            with self._autocast():
+                out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+        return torch.cat(out).cpu() if out else torch.empty(0)
+
+
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[None]:
+    """open_clip logs its failures on the root logger; ours is the one error line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():  # TorchScript deprecation notes while loading archives
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Backbone:
+    """Build the model of ``spec`` on ``device`` (open_clip's normal download and cache for tags).
+
+    A local checkpoint never touches the network. Failure to obtain weights (unknown tag,
+    offline without a cached copy) is one ``RattaInputError`` line.
+    """
+    import open_clip
+
+    if spec.precision not in PRECISIONS:
+        raise RattaInputError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    dev = torch.device(device)
+    name = resolve_model_name(spec)
+    kwargs: dict[str, Any] = {}
+    pretrained = spec.pretrained
+    if pretrained and Path(pretrained).is_file():
+        if _is_openai_archive(Path(pretrained)):
+            kwargs["force_quick_gelu"] = True  # every OpenAI CLIP model uses QuickGELU
+            kwargs["weights_only"] = False  # TorchScript archives hold code, not only tensors
+    elif pretrained:
+        if not open_clip.get_pretrained_cfg(name, pretrained):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+            raise RattaInputError(
+                f"--pretrained {pretrained}: neither a file nor a known tag for {name} "
+                f"(known tags: {tags})"
+            )
+        if open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"):
+            kwargs["force_quick_gelu"] = True
+    try:
+        with _quiet_logging():
+            model = open_clip.create_model(
+                name, pretrained=pretrained or None, device=dev, **kwargs
+            )
+    except Exception as exc:  # open_clip raises many types for download/load failures
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = ""
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            hint = " (HF_HUB_OFFLINE=1 and the weights are not cached: pass --pretrained PATH)"
+        raise RattaInputError(
+            f"could not load backbone {name} with weights '{pretrained}': {first}{hint}"
+        ) from None
+    model.eval()
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    size = cfg.get("size", model.visual.image_size)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    pre = Preprocessing(
+        size=int(size),
+        mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+    )
+    fp = backbone_fingerprint(spec)
+    fp["preprocessing"] = asdict(pre)
+    return Backbone(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(name),
+        preprocessing=pre,
+        spec=spec,
+        device=dev,
+        fingerprint=fp,
+    )

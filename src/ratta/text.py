@@ -1,0 +1,213 @@
+"""The text stage: class names + CuPL descriptions -> text features file.
+
+W_c = normalise(mean_t normalise(g(t))) over every hand template of the dataset filled with
+the class name and every raw description of the class (the CuPL classifier); the description
+rows of class c are ``pre.format(name) + desc`` for each description, then the bare
+``pre.format(name)`` without its trailing space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ratta.backbones import Backbone
+from ratta.errors import RattaInputError
+from ratta.files import TextFeatures, atomic_path, check_output_path, save_text, write_json
+
+# The reference repository's published CuPL files: <base>/CuPL_prompts_<stem>.json
+DESCRIPTIONS_URL = "https://raw.githubusercontent.com/kaist-dmlab/RA-TTA/main/descriptions"
+
+
+def cache_dir() -> Path:
+    """ratta's cache root: $RATTA_CACHE, else $XDG_CACHE_HOME/ratta, else ~/.cache/ratta."""
+    if os.environ.get("RATTA_CACHE"):
+        return Path(os.environ["RATTA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ratta"
+
+
+def fetch_published_descriptions(stem: str) -> Path:
+    """Download ``CuPL_prompts_<stem>.json`` of the reference repository once, into the cache.
+
+    The base address can be overridden with $RATTA_DESCRIPTIONS_URL (mirrors, tests).
+    """
+    target = cache_dir() / "descriptions" / f"CuPL_prompts_{stem}.json"
+    if target.is_file():
+        return target
+    base = os.environ.get("RATTA_DESCRIPTIONS_URL", DESCRIPTIONS_URL).rstrip("/")
+    url = f"{base}/CuPL_prompts_{stem}.json"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            payload = resp.read()
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RattaInputError(
+            f"--descriptions auto: could not download {url} ({reason}); "
+            "download it yourself and pass --descriptions FILE"
+        ) from None
+    try:
+        json.loads(payload)
+    except json.JSONDecodeError:
+        raise RattaInputError(f"--descriptions auto: {url} is not JSON") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(payload)
+    return target
+
+
+def load_descriptions(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Read a CuPL JSON file: an object mapping class name -> list of strings."""
+    p = Path(path)
+    if not p.is_file():
+        raise RattaInputError(f"--descriptions {p}: file not found")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RattaInputError(f"--descriptions {p}: invalid JSON ({exc})") from None
+    ok = isinstance(data, dict) and all(
+        isinstance(v, list) and all(isinstance(s, str) for s in v) for v in data.values()
+    )
+    if not ok:
+        raise RattaInputError(
+            f"--descriptions {p}: expected a CuPL JSON object (class name -> list of strings)"
+        )
+    return data
+
+
+def _key(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def match_descriptions(
+    class_names: Sequence[str],
+    descriptions: dict[str, list[str]],
+    source: str,
+    allow_missing: bool = False,
+) -> tuple[list[list[str] | None], list[str]]:
+    """Descriptions per class in class order (exact key, else case/underscore-insensitive).
+
+    Returns the lists (``None`` for a class without descriptions when ``allow_missing``) and
+    the names of the missing classes; without ``allow_missing`` they are an error.
+    """
+    loose = {_key(k): v for k, v in descriptions.items()}
+    found: list[list[str] | None] = []
+    missing: list[str] = []
+    for name in class_names:
+        desc = descriptions.get(name, loose.get(_key(name)))
+        if not desc:
+            missing.append(name)
+            desc = None
+        found.append(desc)
+    if missing and not allow_missing:
+        shown = ", ".join(repr(m) for m in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise RattaInputError(
+            f"{source}: no descriptions for {len(missing)} classes: {shown}{more} "
+            "(--allow-missing uses the hand templates for them)"
+        )
+    return found, missing
+
+
+@dataclass(frozen=True)
+class TextPrompts:
+    """The texts to encode: per class, classifier texts and description rows."""
+
+    classifier_texts: list[list[str]]
+    desc_texts: list[list[str]]
+
+
+def compose_prompts(
+    class_names: Sequence[str],
+    descriptions: Sequence[list[str] | None],
+    templates: Sequence[str],
+    pre: str,
+) -> TextPrompts:
+    """The reference composition; a class without descriptions uses its filled templates."""
+    cls_texts, desc_texts = [], []
+    for name, desc in zip(class_names, descriptions, strict=True):
+        filled = [t.format(name) for t in templates]
+        own = list(desc) if desc else filled
+        cls_texts.append(filled + own)
+        head = pre.format(name)
+        desc_texts.append([head + d for d in own] + [head.removesuffix(" ")])
+    return TextPrompts(cls_texts, desc_texts)
+
+
+def encode_prompts(prompts: TextPrompts, backbone: Backbone) -> tuple[torch.Tensor, ...]:
+    """(classifier [C, d], desc [M, d], desc_class [M]) from the composed texts."""
+    flat_cls = [t for texts in prompts.classifier_texts for t in texts]
+    flat_desc = [t for texts in prompts.desc_texts for t in texts]
+    emb = backbone.encode_texts(flat_cls)
+    owner = torch.repeat_interleave(
+        torch.arange(len(prompts.classifier_texts)),
+        torch.tensor([len(t) for t in prompts.classifier_texts]),
+    )
+    sums = torch.zeros(len(prompts.classifier_texts), emb.shape[1]).index_add_(0, owner, emb)
+    counts = torch.bincount(owner, minlength=len(prompts.classifier_texts)).unsqueeze(1)
+    classifier = F.normalize(sums / counts, dim=-1)
+    desc = backbone.encode_texts(flat_desc)
+    desc_class = torch.repeat_interleave(
+        torch.arange(len(prompts.desc_texts)),
+        torch.tensor([len(t) for t in prompts.desc_texts]),
+    )
+    return classifier, desc, desc_class
+
+
+def build_text_features(
+    class_names: Sequence[str],
+    descriptions_file: str | os.PathLike[str],
+    templates: Sequence[str],
+    pre: str,
+    backbone: Backbone,
+    out: str | os.PathLike[str],
+    *,
+    allow_missing: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the text features file ``out`` (and ``out.json``); returns the summary."""
+    out_path = check_output_path(out)
+    descriptions = load_descriptions(descriptions_file)
+    per_class, missing = match_descriptions(
+        class_names, descriptions, str(descriptions_file), allow_missing
+    )
+    prompts = compose_prompts(class_names, per_class, templates, pre)
+    classifier, desc, desc_class = encode_prompts(prompts, backbone)
+    desc_hash = hashlib.sha256(Path(descriptions_file).read_bytes()).hexdigest()
+    info = {
+        "backbone": backbone.fingerprint,
+        "descriptions": str(descriptions_file),
+        "descriptions_sha256": desc_hash,
+        "templates": list(templates),
+        "pre": pre,
+        "missing_classes": missing,
+        **(metadata or {}),
+    }
+    text = TextFeatures(
+        classifier=classifier,
+        desc=desc,
+        desc_class=desc_class,
+        logit_scale=backbone.logit_scale,
+        class_names=list(class_names),
+    )
+    save_text(out_path, text, {"ratta_text": json.dumps(info)})
+    summary = {
+        "output": str(out_path),
+        "classes": len(class_names),
+        "description_rows": int(desc.shape[0]),
+        "classifier_texts": sum(len(t) for t in prompts.classifier_texts),
+        "logit_scale": text.logit_scale,
+        **info,
+    }
+    write_json(Path(f"{out_path}.json"), summary)
+    return summary

@@ -1,0 +1,143 @@
+"""Backbones: local checkpoints (open_clip state dict, OpenAI archive), configs, offline errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ratta.backbones import BackboneSpec, load_backbone
+from ratta.errors import RattaInputError
+
+
+def spec(tiny_clip, **kw) -> BackboneSpec:
+    return BackboneSpec(
+        model=None,
+        pretrained=str(tiny_clip["checkpoint"]),
+        model_config=str(tiny_clip["config"]),
+        **kw,
+    )
+
+
+def reference_model(tiny_clip, quick_gelu: bool = False) -> nn.Module:
+    model = open_clip.create_model("tiny-clip", force_quick_gelu=quick_gelu)
+    model.load_state_dict(torch.load(tiny_clip["checkpoint"]))
+    return model.eval()
+
+
+def test_local_checkpoint_loads_the_saved_weights(tiny_clip) -> None:
+    bb = load_backbone(spec(tiny_clip))
+    ref = reference_model(tiny_clip)
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = F.normalize(ref.encode_image(pixels), dim=-1)
+    torch.testing.assert_close(bb.encode_images(pixels), expected)
+    assert bb.logit_scale == pytest.approx(float(ref.logit_scale.detach().exp()))
+    assert bb.preprocessing.size == 32 and bb.preprocessing.interpolation == "bicubic"
+    assert bb.fingerprint["checkpoint_sha256"] and bb.fingerprint["model"] == "tiny-clip"
+
+
+def _openai_style_archive(state: dict[str, torch.Tensor], path) -> None:
+    """A TorchScript archive whose state dict has OpenAI CLIP's layout (plus its extra keys)."""
+    root = nn.Module()
+    extra = {
+        "input_resolution": torch.tensor(32),
+        "context_length": torch.tensor(77),
+        "vocab_size": torch.tensor(49408),
+    }
+    for key, value in {**state, **extra}.items():
+        *parents, leaf = key.split(".")
+        mod = root
+        for part in parents:
+            if not hasattr(mod, part):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        if value.is_floating_point() and key not in extra:
+            mod.register_parameter(leaf, nn.Parameter(value.clone()))
+        else:
+            mod.register_buffer(leaf, value.clone())
+    torch.jit.save(torch.jit.script(root), str(path))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_openai_archive_loads_with_quick_gelu(tiny_clip, tmp_path) -> None:
+    state = torch.load(tiny_clip["checkpoint"])
+    archive = tmp_path / "ViT-tiny.pt"
+    _openai_style_archive({k: v for k, v in state.items() if k != "attn_mask"}, archive)
+    bb = load_backbone(
+        BackboneSpec(model=None, pretrained=str(archive), model_config=str(tiny_clip["config"]))
+    )
+    ref = reference_model(tiny_clip, quick_gelu=True)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = F.normalize(ref.encode_image(pixels), dim=-1)
+    torch.testing.assert_close(bb.encode_images(pixels), expected)
+
+
+def test_text_encoding_matches_open_clip(tiny_clip) -> None:
+    bb = load_backbone(spec(tiny_clip))
+    ref = reference_model(tiny_clip)
+    texts = ["a photo of a cat.", "a sketch of a dog.", "x " * 200]  # the last is truncated
+    with torch.no_grad():
+        expected = F.normalize(ref.encode_text(open_clip.get_tokenizer("tiny-clip")(texts)), dim=-1)
+    torch.testing.assert_close(bb.encode_texts(texts, batch_size=2), expected)
+
+
+def test_offline_without_cache_is_one_clear_error(tmp_path) -> None:
+    # huggingface_hub reads HF_HUB_OFFLINE at import: a fresh interpreter sees it
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+    }
+    code = (
+        "from ratta.backbones import BackboneSpec, load_backbone\n"
+        "from ratta.errors import RattaInputError\n"
+        "try:\n"
+        "    load_backbone(BackboneSpec(model='ViT-B-16', pretrained='openai'))\n"
+        "except RattaInputError as exc:\n"
+        "    print(exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    message = proc.stdout.strip()
+    assert "\n" not in message and "HF_HUB_OFFLINE=1" in message and "--pretrained PATH" in message
+    assert proc.stderr.strip() == ""
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"model": "ViT-Nope", "pretrained": None}, "unknown open_clip architecture"),
+        ({"model": "ViT-B-16", "pretrained": "no-such-tag"}, "neither a file nor a known tag"),
+        ({"model": None, "pretrained": None}, "--model is required"),
+    ],
+)
+def test_bad_backbone_arguments(kwargs, needle) -> None:
+    with pytest.raises(RattaInputError, match=needle):
+        load_backbone(BackboneSpec(**kwargs))
+
+
+def test_model_config_errors(tmp_path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(RattaInputError, match="invalid JSON"):
+        load_backbone(BackboneSpec(model=None, pretrained=None, model_config=str(bad)))
+    assert not os.path.exists(tmp_path / "missing.json")
+    with pytest.raises(RattaInputError, match="not found"):
+        load_backbone(
+            BackboneSpec(model=None, pretrained=None, model_config=str(tmp_path / "missing.json"))
+        )
