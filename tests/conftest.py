@@ -83,16 +83,30 @@ def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
 DTD_CLASSES = ["zigzagged", "banded", "woven_fabric"]  # label order of the split file
 
 
-def make_coop_dtd(root: Path, per_class: int = 3, seed: int = 0) -> tuple[list[Path], list[int]]:
-    """A DTD test split in CoOp's layout with real images; returns paths and labels in order."""
+def make_coop(
+    root: Path, dataset: str, classes: list[str], per_class: int = 3, seed: int = 0
+) -> tuple[list[Path], list[int]]:
+    """A test split in CoOp's layout (split JSON + real images) for a CoOp-json dataset.
+
+    Returns the image paths and labels in the split's (shuffled) test order.
+    """
     import json
 
+    from ratta.datasets import DATASETS
+
+    info = DATASETS[dataset]
     test = []
-    for label, name in enumerate(DTD_CLASSES):
-        paths = write_images(root / "dtd" / "images" / name, per_class, seed=seed + label)
+    for label, name in enumerate(classes):
+        paths = write_images(root / info.images / name, per_class, seed=seed + label)
         test += [[f"{name}/{p.name}", label, name] for p in paths]
     order = list(np.random.default_rng(seed).permutation(len(test)))
     test = [test[i] for i in order]
-    split = {"train": [], "val": [], "test": test}
-    (root / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
-    return [root / "dtd" / "images" / t[0] for t in test], [t[1] for t in test]
+    split_file = root / info.files[0]
+    split_file.parent.mkdir(parents=True, exist_ok=True)
+    split_file.write_text(json.dumps({"train": [], "val": [], "test": test}))
+    return [root / info.images / t[0] for t in test], [t[1] for t in test]
+
+
+def make_coop_dtd(root: Path, per_class: int = 3, seed: int = 0) -> tuple[list[Path], list[int]]:
+    """A DTD test split in CoOp's layout with real images; returns paths and labels in order."""
+    return make_coop(root, "dtd", DTD_CLASSES, per_class, seed)

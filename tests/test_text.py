@@ -157,3 +157,27 @@ def test_auto_descriptions_download_once_into_the_cache(tmp_path, monkeypatch) -
             fetch_published_descriptions("food101")
     finally:
         server.shutdown()
+
+
+def test_baseline_classifiers_match_open_clip(backbone, tiny_clip, desc_file, tmp_path) -> None:
+    dtd = get_preset("dtd")
+    out = tmp_path / "text.safetensors"
+    build_text_features(NAMES, desc_file, dtd.templates, dtd.pre, backbone, out)
+    text = load_text(out)
+    model = open_clip.create_model("tiny-clip", pretrained=str(tiny_clip["checkpoint"])).eval()
+    tok = open_clip.get_tokenizer("tiny-clip")
+    with torch.no_grad():
+        single = F.normalize(model.encode_text(tok([f"a photo of a {n}." for n in NAMES])), dim=-1)
+        ensemble = torch.stack(
+            [
+                F.normalize(
+                    F.normalize(
+                        model.encode_text(tok([t.format(n) for t in dtd.templates])), dim=-1
+                    ).mean(0),
+                    dim=0,
+                )
+                for n in NAMES
+            ]
+        )
+    assert bool(((text.baselines["single_template"] * single).sum(1) >= 0.999).all())
+    assert bool(((text.baselines["template_ensemble"] * ensemble).sum(1) >= 0.999).all())

@@ -28,6 +28,7 @@ from ratta.files import (
     save_safetensors,
     write_json,
 )
+from ratta.metrics import topk_accuracy
 from ratta.retrieval import ExactRetriever, FaissRetriever
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -81,13 +82,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def topk_accuracy(probs: Tensor, labels: Tensor, k: int) -> float:
-    """Percentage of rows whose label is among the k most probable classes."""
-    k = min(k, probs.shape[1])
-    hits = (probs.topk(k, dim=1).indices == labels.unsqueeze(1)).any(1)
-    return 100.0 * float(hits.float().mean())
-
-
 def adapt(
     features: str | os.PathLike[str],
     text: str | os.PathLike[str],
@@ -99,12 +93,14 @@ def adapt(
     device: str = "cpu",
     dtype: str = "float32",
     search: str = "exact",
+    views: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run RA-TTA over a features file and write ``out`` (safetensors) and ``out.json``.
 
     Every input is validated before work starts (values of the features file batch by batch);
-    on any error nothing is written. Returns the JSON summary.
+    on any error nothing is written. ``views`` uses only the first V' stored views (for
+    sweeps over V). Returns the JSON summary.
     """
     config = config or RATTAConfig()
     if batch_size < 1:
@@ -123,6 +119,10 @@ def adapt(
         txt = load_text(text)
         reader = FeatureReader(features)
         reader.check_labels(txt.num_classes)
+        if views is not None and not 0 <= views <= reader.num_views:
+            raise RattaInputError(
+                f"--views {views}: {features} holds {reader.num_views} views per image"
+            )
         header = open_database(db)
         for name, dim in (("features", reader.dim), ("database", header.shape[1])):
             if dim != txt.dim:
@@ -149,7 +149,8 @@ def adapt(
     with torch.inference_mode():
         for start in bar:
             with timer("read"):
-                x = reader.batch(start, min(n, start + batch_size)).to(device=dev, dtype=work)
+                x = reader.batch(start, min(n, start + batch_size), views)
+                x = x.to(device=dev, dtype=work)
             result: BatchResult = ratta_batch(
                 x, classifier, desc, desc_class, txt.logit_scale, retriever, config, timer
             )
@@ -168,7 +169,7 @@ def adapt(
         "inputs": {"features": str(features), "text": str(text), "db": str(db)},
         "counts": {
             "images": n,
-            "views": reader.num_views,
+            "views": reader.num_views if views is None else views,
             "classes": txt.num_classes,
             "descriptions": int(desc.shape[0]),
             "database": retriever.size,

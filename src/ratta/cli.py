@@ -310,12 +310,138 @@ def _run_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="RA-TTA and baselines over datasets and seeds, with reports",
+        description="Run every (dataset, seed) cell (cached, resumable) and write "
+        "results.csv/json/md and plots.",
+    )
+    p.add_argument("--datasets", nargs="+", required=True, help="dataset names, or 'all'")
+    p.add_argument("--data-root", required=True)
+    p.add_argument(
+        "--db-root",
+        required=True,
+        help="folder of databases: <dataset>.npy or <dataset>/ (ImageNet, -V2 and "
+        "-Sketch share imagenet's)",
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    _backbone_args(p)
+    p.add_argument("--views", type=int, default=100)
+    p.add_argument(
+        "--descriptions",
+        default="auto",
+        help="'auto', or a folder holding CuPL_prompts_<dataset>.json files",
+    )
+    p.add_argument("--k-d", type=int, default=None)
+    p.add_argument("--k-s", type=int, default=None)
+    p.add_argument("--quantile", type=float, default=None, help="default: the dataset's")
+    p.add_argument("--min-desc", type=int, default=None)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache", default=None)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from ratta.adapt import resolve_device
+    from ratta.evaluate import ALL_DATASETS, EvalSettings, evaluate
+
+    datasets = list(ALL_DATASETS) if args.datasets == ["all"] else args.datasets
+    report = evaluate(
+        datasets,
+        args.data_root,
+        args.db_root,
+        args.seeds,
+        args.out,
+        backbone=_spec(args),
+        settings=EvalSettings(
+            views=args.views,
+            descriptions=args.descriptions,
+            k_d=args.k_d,
+            k_s=args.k_s,
+            quantile=args.quantile,
+            min_desc=args.min_desc,
+        ),
+        cache=args.cache,
+        device=str(resolve_device(args.device)),
+        workers=args.workers,
+        progress=not args.quiet,
+        log=None if args.quiet else print,
+    )
+    print(Path(args.out, "results.md").read_text())
+    print(
+        f"{report['cells_computed']} cells computed, {report['cells_reused']} reused, "
+        f"{len(report['failures'])} failed; wrote {args.out}/results.csv, results.json, "
+        "results.md, plots/"
+    )
+    return 1 if report["failures"] else 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="accuracy against one hyperparameter, on cached features",
+        description="Adapt once per value of --param (k_d, k_s, quantile, "
+        "min_desc or views), reusing one extraction.",
+    )
+    p.add_argument(
+        "--param", required=True, choices=("k_d", "k_s", "quantile", "min_desc", "views")
+    )
+    p.add_argument("--values", nargs="+", type=float, required=True)
+    _dataset_args(p)
+    _backbone_args(p)
+    p.add_argument("--db", required=True)
+    p.add_argument("--views", type=int, default=100, help="views extracted (%(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--descriptions", default="auto")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache", default=None)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from ratta.adapt import resolve_device
+    from ratta.evaluate import sweep
+
+    results = sweep(
+        args.param,
+        args.values,
+        args.dataset,
+        args.data_root,
+        args.db,
+        args.out,
+        backbone=_spec(args),
+        views=args.views,
+        seed=args.seed,
+        descriptions=args.descriptions,
+        cache=args.cache,
+        device=str(resolve_device(args.device)),
+        workers=args.workers,
+    )
+    print(f"{'value':>10}{'CuPL':>9}{'retrieval':>11}{'RA-TTA':>9}")
+    for r in results:
+        print(
+            f"{r['value']:>10g}{r['cupl_top1']:>9.2f}{r['retrieval_top1']:>11.2f}"
+            f"{r['ratta_top1']:>9.2f}"
+        )
+    print(f"wrote {args.out}/sweep_{args.param}.csv, .json and .png")
+    return 0
+
+
 # Each stage registers its subcommand: add_parser(subparsers) sets ``func`` on its parser.
 SUBCOMMANDS = [
     _add_adapt,
     _add_extract,
     _add_text,
     _add_run,
+    _add_eval,
+    _add_sweep,
     _add_demo,
     _add_describe,
     _add_datasets,

@@ -20,7 +20,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch import Tensor
 from ratta.errors import RattaInputError
 
 EMBED_DTYPES = (torch.float16, torch.float32)
+BASELINE_PREFIX = "baseline_"
 NUMPY_EMBED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 # Accepted deviation of an embedding's L2 norm from 1 (float16 storage rounds at ~5e-4).
 NORM_TOL = 1e-2
@@ -188,13 +189,19 @@ def _rows_per_item(x: Tensor) -> int:
 
 @dataclass
 class TextFeatures:
-    """Zero-shot classifier W [C, d], descriptions T [M, d] with owners [M], scale s, names."""
+    """Zero-shot classifier W [C, d], descriptions T [M, d] with owners [M], scale s, names.
+
+    ``baselines`` holds optional extra zero-shot classifiers [C, d] for evaluation (stored as
+    ``baseline_<name>``): ``single_template`` ('a photo of a {}.') and ``template_ensemble``
+    (the dataset's hand templates only).
+    """
 
     classifier: Tensor
     desc: Tensor
     desc_class: Tensor
     logit_scale: float
     class_names: list[str]
+    baselines: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -219,6 +226,7 @@ def save_text(
             "desc": text.desc,
             "desc_class": text.desc_class.to(torch.int64),
             "logit_scale": torch.tensor(float(text.logit_scale), dtype=torch.float32),
+            **{f"{BASELINE_PREFIX}{k}": v for k, v in text.baselines.items()},
         },
         meta,
     )
@@ -239,6 +247,11 @@ def load_text(path: str | os.PathLike[str]) -> TextFeatures:
             shape, dtype = _shape(f, p, key, keys)
             _expect(p, key, shape, dtype, rank, dtypes, layout)
         tensors = {key: f.get_tensor(key) for key in spec}
+        baselines = {}
+        for key in sorted(k for k in keys if k.startswith(BASELINE_PREFIX)):
+            shape, dtype = _shape(f, p, key, keys)
+            _expect(p, key, shape, dtype, 2, EMBED_DTYPES, "[C, d]")
+            baselines[key.removeprefix(BASELINE_PREFIX)] = f.get_tensor(key)
         meta = f.metadata() or {}
     classifier, desc, desc_class = tensors["classifier"], tensors["desc"], tensors["desc_class"]
     c, d = classifier.shape
@@ -286,7 +299,16 @@ def load_text(path: str | os.PathLike[str]) -> TextFeatures:
     warn_renormalised(p, "classifier", fixed)
     desc, fixed = check_embeddings(desc, p, "desc")
     warn_renormalised(p, "desc", fixed)
+    for name, weights in baselines.items():
+        if tuple(weights.shape) != (c, d):
+            raise RattaInputError(
+                f"{p}: key '{BASELINE_PREFIX}{name}' has shape {tuple(weights.shape)}, "
+                f"expected [{c}, {d}] like 'classifier'"
+            )
+        baselines[name], fixed = check_embeddings(weights, p, f"{BASELINE_PREFIX}{name}")
+        warn_renormalised(p, f"{BASELINE_PREFIX}{name}", fixed)
     return TextFeatures(
+        baselines=baselines,
         classifier=classifier,
         desc=desc,
         desc_class=desc_class,
@@ -351,10 +373,15 @@ class FeatureReader:
                     f"(min {lo}, max {hi})"
                 )
 
-    def batch(self, start: int, stop: int) -> Tensor:
-        """Validated test embeddings [b, V+1, d] of images start..stop-1 (x_0 first)."""
+    def batch(self, start: int, stop: int, views: int | None = None) -> Tensor:
+        """Validated test embeddings [b, 1 + V', d] of images start..stop-1 (x_0 first).
+
+        ``views`` keeps only the first V' stored views (all by default): the views are i.i.d.,
+        so their prefix is a smaller sample of the same kind.
+        """
         image = self._file.get_slice("image")[start:stop]
-        views = self._file.get_slice("views")[start:stop]
+        keep = self.num_views if views is None else views
+        views = self._file.get_slice("views")[start:stop, :keep]
         image, fixed_image = check_embeddings(image, self.path, "image", start)
         views, fixed_views = check_embeddings(views, self.path, "views", start)
         self.renormalised["image"] += fixed_image

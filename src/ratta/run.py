@@ -29,6 +29,8 @@ from ratta.text import build_text_features, cache_dir, fetch_published_descripti
 
 # Text settings for the user's own datasets (``folder``, ``csv``) unless --preset is given.
 CUSTOM_PRESET = "caltech101"
+# Bumped when the text file gains content (2: baseline classifiers), so caches refresh.
+TEXT_FORMAT = 2
 
 
 def _key(payload: dict[str, Any]) -> str:
@@ -84,9 +86,14 @@ def run(
     workers: int = 2,
     adapt_batch_size: int = 256,
     dtype: str = "float32",
+    adapt_views: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Chain the three stages; returns the adaptation summary with a ``cache`` section."""
+    """Chain the three stages; returns the adaptation summary with a ``cache`` section.
+
+    ``adapt_views`` adapts with only the first V' of the extracted views (view sweeps reuse
+    one extraction).
+    """
     from ratta.datasets import load_split
 
     spec = backbone or BackboneSpec()
@@ -164,6 +171,7 @@ def run(
         batch_size=adapt_batch_size,
         device=device,
         dtype=dtype,
+        views=adapt_views,
         progress=progress,
     )
     summary["dataset"] = dataset

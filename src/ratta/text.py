@@ -164,6 +164,24 @@ def encode_prompts(prompts: TextPrompts, backbone: Backbone) -> tuple[torch.Tens
     return classifier, desc, desc_class
 
 
+SINGLE_TEMPLATE = "a photo of a {}."
+
+
+def baseline_classifiers(
+    class_names: Sequence[str], templates: Sequence[str], backbone: Backbone
+) -> dict[str, torch.Tensor]:
+    """Zero-shot CLIP classifiers to compare against: one template, and the hand templates.
+
+    ``single_template``: g('a photo of a {name}.'); ``template_ensemble``: the normalised mean
+    of the dataset's filled hand templates (CLIP's prompt ensembling). Both [C, d].
+    """
+    single = backbone.encode_texts([SINGLE_TEMPLATE.format(n) for n in class_names])
+    filled = TextPrompts([[t.format(n) for t in templates] for n in class_names], [])
+    sums = backbone.encode_texts([t for texts in filled.classifier_texts for t in texts])
+    ensemble = F.normalize(sums.view(len(class_names), len(templates), -1).mean(1), dim=-1)
+    return {"single_template": single, "template_ensemble": ensemble}
+
+
 def build_text_features(
     class_names: Sequence[str],
     descriptions_file: str | os.PathLike[str],
@@ -183,6 +201,7 @@ def build_text_features(
     )
     prompts = compose_prompts(class_names, per_class, templates, pre)
     classifier, desc, desc_class = encode_prompts(prompts, backbone)
+    baselines = baseline_classifiers(class_names, templates, backbone)
     desc_hash = hashlib.sha256(Path(descriptions_file).read_bytes()).hexdigest()
     info = {
         "backbone": backbone.fingerprint,
@@ -199,6 +218,7 @@ def build_text_features(
         desc_class=desc_class,
         logit_scale=backbone.logit_scale,
         class_names=list(class_names),
+        baselines=baselines,
     )
     save_text(out_path, text, {"ratta_text": json.dumps(info)})
     summary = {

@@ -1,0 +1,495 @@
+"""``ratta eval`` and ``ratta sweep``: RA-TTA and its baselines over datasets and seeds.
+
+Every method is computed from the same cached features of a (dataset, seed) cell:
+zero-shot CLIP with one template, the hand-template ensemble, the CuPL classifier (p0),
+the retrieval-only prediction (p_ret) and RA-TTA (p). A cell's per-image outputs stay in
+``DIR/cells/<dataset>/seed-<s>/`` (``predictions.safetensors`` from adapt, ``baselines
+.safetensors``), and every number of the reports is computed from them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ratta import __version__
+from ratta.backbones import BackboneSpec, backbone_fingerprint
+from ratta.config import RATTAConfig
+from ratta.errors import RattaInputError
+from ratta.extract import ExtractSettings
+from ratta.files import FeatureReader, load_text, save_safetensors, write_json, write_text_atomic
+from ratta.metrics import classification_metrics
+from ratta.presets import PRESETS
+
+# The paper's table layout: 13 transfer datasets (ImageNet among them) and 4 ImageNet shifts.
+TRANSFER = (
+    "imagenet",
+    "caltech101",
+    "caltech256",
+    "dtd",
+    "fgvc_aircraft",
+    "food101",
+    "flowers102",
+    "oxford_pets",
+    "stanford_cars",
+    "sun397",
+    "ucf101",
+    "cub200",
+    "resisc45",
+)
+SHIFTS = ("imagenet_v2", "imagenet_sketch", "imagenet_adversarial", "imagenet_rendition")
+ALL_DATASETS = TRANSFER + SHIFTS
+
+METHODS = {
+    "clip": "CLIP ('a photo of a {}.')",
+    "ensemble": "Template ensemble",
+    "cupl": "CuPL",
+    "retrieval": "Retrieval only",
+    "ratta": "RA-TTA",
+}
+# ViT-B/16 top-1 figures stated in method.md (ICLR 2025 paper and the authors' logs).
+PUBLISHED = {
+    "ratta": {
+        "fgvc_aircraft": 73.09 * 0 + 32.22,
+        "imagenet_adversarial": 59.55,
+        "transfer_average": 73.09,
+        "shifts_average": 63.47,
+    },
+    "cupl": {"fgvc_aircraft": 28.98, "imagenet_adversarial": 50.23, "transfer_average": 70.81},
+}
+CELL_FORMAT = 1
+
+
+def database_for(dataset: str, db_root: str | os.PathLike[str]) -> Path:
+    """The database of ``dataset`` under ``db_root``: ``<name>.npy`` or a ``<name>/`` folder.
+
+    ImageNet, -V2 and -Sketch share ImageNet's database, as in the paper.
+    """
+    name = PRESETS[dataset].database if dataset in PRESETS else dataset
+    root = Path(db_root)
+    for candidate in (root / f"{name}.npy", root / name):
+        if candidate.exists():
+            return candidate
+    raise RattaInputError(f"--db-root {root}: no database for {dataset} ({name}.npy or {name}/)")
+
+
+def descriptions_for(dataset: str, descriptions: str) -> str:
+    """``auto``, or ``CuPL_prompts_<stem>.json`` inside a folder of description files."""
+    if descriptions == "auto" or Path(descriptions).is_file():
+        return descriptions
+    folder = Path(descriptions)
+    stem = PRESETS[dataset].cupl_stem if dataset in PRESETS else dataset
+    path = folder / f"CuPL_prompts_{stem}.json"
+    if not path.is_file():
+        raise RattaInputError(f"--descriptions {folder}: no CuPL_prompts_{stem}.json for {dataset}")
+    return str(path)
+
+
+def _softmax_predictions(features: Path, text_file: Path) -> dict[str, torch.Tensor]:
+    """Zero-shot probabilities of the baseline classifiers on the center crops."""
+    text = load_text(text_file)
+    if not text.baselines:
+        raise RattaInputError(f"{text_file}: no baseline classifiers (rebuild it with ratta text)")
+    reader = FeatureReader(features)
+    x0 = reader.batch(0, reader.num_images, views=0)[:, 0].float()
+    reader.close()
+    return {
+        name: torch.softmax(text.logit_scale * x0 @ w.float().T, dim=1)
+        for name, w in text.baselines.items()
+    }
+
+
+def cell_rows(cell: Path, dataset: str, seed: int) -> list[dict[str, Any]]:
+    """The report rows of one cell, computed from its per-image output files."""
+    pred = load_file(str(cell / "predictions.safetensors"))
+    base = load_file(str(cell / "baselines.safetensors"))
+    summary = json.loads((cell / "predictions.safetensors.json").read_text())
+    labels = pred["labels"]
+    n = labels.shape[0]
+    n_cand = (pred["candidates"] >= 0).sum(1).float()
+    stage_ms = {k: 1000.0 * v / n for k, v in summary["timings_s"].items() if k != "total"}
+    probs = {
+        "clip": base["single_template"],
+        "ensemble": base["template_ensemble"],
+        "cupl": pred["zero_shot"],
+        "retrieval": pred["retrieval"],
+        "ratta": pred["final"],
+    }
+    rows = []
+    for method, p in probs.items():
+        row: dict[str, Any] = {
+            "dataset": dataset,
+            "seed": seed,
+            "method": method,
+            "images": n,
+            **classification_metrics(p, labels),
+        }
+        adaptive = method in ("retrieval", "ratta")
+        row["fallback_rate"] = 100.0 * float((n_cand == 0).float().mean()) if adaptive else None
+        row["mean_candidates"] = float(n_cand.mean()) if adaptive else None
+        row["adapt_ms_per_image"] = 1000.0 * summary["timings_s"]["total"] / n
+        row["stage_ms_per_image"] = stage_ms
+        row["database"] = summary["counts"]["database"]
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class EvalSettings:
+    """What defines every cell (besides dataset and seed); part of its identity."""
+
+    views: int = 100
+    descriptions: str = "auto"
+    k_d: int | None = None
+    k_s: int | None = None
+    quantile: float | None = None
+    min_desc: int | None = None
+
+    def config(self, dataset: str) -> RATTAConfig:
+        base = RATTAConfig(quantile=PRESETS[dataset].quantile if dataset in PRESETS else 0.75)
+        overrides = {
+            k: v
+            for k, v in (
+                ("k_d", self.k_d),
+                ("k_s", self.k_s),
+                ("quantile", self.quantile),
+                ("min_desc", self.min_desc),
+            )
+            if v is not None
+        }
+        return replace(base, **overrides)
+
+
+def evaluate(
+    datasets: Sequence[str],
+    data_root: str | os.PathLike[str],
+    db_root: str | os.PathLike[str],
+    seeds: Sequence[int],
+    out_dir: str | os.PathLike[str],
+    *,
+    backbone: BackboneSpec | None = None,
+    settings: EvalSettings | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    workers: int = 2,
+    progress: bool = False,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Run (or reuse) every (dataset, seed) cell and write the reports into ``out_dir``.
+
+    A finished cell whose identity (backbone, views, descriptions, config) is unchanged is
+    skipped; a failing dataset is recorded and the others go on. Returns the JSON report.
+    """
+    from ratta.run import run
+
+    spec = backbone or BackboneSpec()
+    settings = settings or EvalSettings()
+    unknown = [d for d in datasets if d not in ALL_DATASETS]
+    if unknown:
+        raise RattaInputError(
+            f"--datasets: unknown {', '.join(unknown)} (known: {', '.join(ALL_DATASETS)}, all)"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda _msg: None)
+    bb_fp = backbone_fingerprint(spec)
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    computed = reused = 0
+    for dataset in datasets:
+        for seed in seeds:
+            cell = out / "cells" / dataset / f"seed-{seed}"
+            config = settings.config(dataset)
+            identity = {
+                "format": CELL_FORMAT,
+                "dataset": dataset,
+                "seed": seed,
+                "backbone": bb_fp,
+                "views": settings.views,
+                "descriptions": settings.descriptions,
+                "config": asdict(config),
+            }
+            done = cell / "cell.json"
+            try:
+                if done.is_file() and json.loads(done.read_text())["identity"] == json.loads(
+                    json.dumps(identity)
+                ):
+                    reused += 1
+                    say(f"{dataset} seed {seed}: done before, reused")
+                else:
+                    started = time.perf_counter()
+                    summary = run(
+                        dataset,
+                        data_root,
+                        database_for(dataset, db_root),
+                        cell,
+                        backbone=spec,
+                        settings=ExtractSettings(views=settings.views, seed=seed),
+                        descriptions=descriptions_for(dataset, settings.descriptions),
+                        config=config,
+                        cache=cache,
+                        device=device,
+                        workers=workers,
+                        progress=progress,
+                    )
+                    save_safetensors(
+                        cell / "baselines.safetensors",
+                        _softmax_predictions(
+                            Path(summary["cache"]["features"]), Path(summary["cache"]["text"])
+                        ),
+                    )
+                    write_json(
+                        done,
+                        {
+                            "identity": identity,
+                            "summary": summary,
+                            "seconds": time.perf_counter() - started,
+                        },
+                    )
+                    computed += 1
+                    say(f"{dataset} seed {seed}: done in {time.perf_counter() - started:.1f} s")
+                rows.extend(cell_rows(cell, dataset, seed))
+            except (RattaInputError, OSError, RuntimeError, ValueError) as exc:
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                failures.append({"dataset": dataset, "seed": seed, "error": message})
+                say(f"{dataset} seed {seed}: FAILED: {message}")
+    report = {
+        "ratta_version": __version__,
+        "backbone": bb_fp,
+        "settings": asdict(settings),
+        "datasets": list(datasets),
+        "seeds": list(seeds),
+        "cells_computed": computed,
+        "cells_reused": reused,
+        "failures": failures,
+        "rows": rows,
+    }
+    write_reports(out, report)
+    return report
+
+
+# --------------------------------------------------------------------------- reports
+
+CSV_FIELDS = (
+    "dataset",
+    "seed",
+    "method",
+    "images",
+    "top1",
+    "top5",
+    "ece",
+    "fallback_rate",
+    "mean_candidates",
+    "adapt_ms_per_image",
+    "database",
+)
+
+
+def write_reports(out: Path, report: dict[str, Any]) -> None:
+    """results.json, results.csv (tidy), results.md (paper layout) and plots/."""
+    write_json(out / "results.json", report)
+    buf = io.StringIO()
+    stages = sorted({k for r in report["rows"] for k in r["stage_ms_per_image"]})
+    writer = csv.writer(buf)
+    writer.writerow([*CSV_FIELDS, *(f"ms_{s}" for s in stages)])
+    for r in report["rows"]:
+        writer.writerow(
+            [_csv_value(r[f]) for f in CSV_FIELDS]
+            + [_csv_value(r["stage_ms_per_image"].get(s)) for s in stages]
+        )
+    write_text_atomic(out / "results.csv", buf.getvalue())
+    write_text_atomic(out / "results.md", markdown_report(report))
+    if report["rows"]:
+        from ratta.plots import plot_gain
+
+        plot_gain(aggregate(report["rows"]), out / "plots" / "gain_over_cupl.png")
+
+
+def _csv_value(v: Any) -> str:
+    if v is None:
+        return ""
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def aggregate(rows: Sequence[dict[str, Any]], metric: str = "top1") -> dict:
+    """{dataset: {method: (mean, std, seeds)}} over the seeds."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        values.setdefault(r["dataset"], {}).setdefault(r["method"], []).append(r[metric])
+    return {
+        d: {
+            m: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+            for m, v in per.items()
+        }
+        for d, per in values.items()
+    }
+
+
+def _fmt(stat: tuple[float, float, int] | None) -> str:
+    if stat is None:
+        return "–"
+    mean, std, n = stat
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    agg = aggregate(report["rows"])
+    seeds = ", ".join(str(s) for s in report["seeds"])
+    fp = report["backbone"]
+    backbone = f"{fp.get('model')} / {fp.get('pretrained') or 'local checkpoint'}"
+    lines = [
+        "# RA-TTA evaluation",
+        "",
+        f"Top-1 accuracy (%), mean ± std over seeds {seeds}; backbone `{backbone}`. "
+        "Published: ViT-B/16 figures from the paper and the authors' logs; "
+        "Δ = ours − published (RA-TTA).",
+        "",
+    ]
+    for title, names, avg_key in (
+        ("Transfer datasets", TRANSFER, "transfer_average"),
+        ("ImageNet distribution shifts", SHIFTS, "shifts_average"),
+    ):
+        present = [d for d in names if d in agg]
+        if not present:
+            continue
+        lines += [
+            f"## {title}",
+            "",
+            "| dataset | "
+            + " | ".join(METHODS.values())
+            + " | published CuPL | published RA-TTA | Δ |",
+            "|---|" + "---:|" * (len(METHODS) + 3),
+        ]
+        for d in present:
+            lines.append(_row(d, agg[d], PUBLISHED["cupl"].get(d), PUBLISHED["ratta"].get(d)))
+        means = {m: _average(report["rows"], present, m) for m in METHODS}
+        label = f"Average ({len(present)} of {len(names)})"
+        lines.append(
+            _row(
+                label,
+                means,
+                PUBLISHED["cupl"].get(avg_key),
+                PUBLISHED["ratta"].get(avg_key) if len(present) == len(names) else None,
+            )
+        )
+        lines.append("")
+    if report["failures"]:
+        lines += ["## Failed cells", ""]
+        lines += [f"- {f['dataset']} seed {f['seed']}: {f['error']}" for f in report["failures"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _average(
+    rows: Sequence[dict[str, Any]], datasets: Sequence[str], method: str
+) -> tuple[float, float, int] | None:
+    """Mean ± std over seeds of the per-seed average over ``datasets`` (seeds having all)."""
+    per_seed: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if r["method"] == method and r["dataset"] in datasets:
+            per_seed.setdefault(r["seed"], {})[r["dataset"]] = r["top1"]
+    averages = [statistics.fmean(v.values()) for v in per_seed.values() if len(v) == len(datasets)]
+    if not averages:
+        return None
+    std = statistics.stdev(averages) if len(averages) > 1 else 0.0
+    return statistics.fmean(averages), std, len(averages)
+
+
+def _row(label: str, stats: dict, pub_cupl: float | None, pub_ratta: float | None) -> str:
+    cells = [_fmt(stats.get(m)) for m in METHODS]
+    ours = stats.get("ratta")
+    delta = f"{ours[0] - pub_ratta:+.2f}" if ours is not None and pub_ratta is not None else "–"
+    pubs = [f"{v:.2f}" if v is not None else "–" for v in (pub_cupl, pub_ratta)]
+    return f"| {label} | " + " | ".join([*cells, *pubs, delta]) + " |"
+
+
+# --------------------------------------------------------------------------- sweeps
+
+SWEEP_PARAMS = ("k_d", "k_s", "quantile", "min_desc", "views")
+
+
+def sweep(
+    param: str,
+    values: Sequence[float],
+    dataset: str,
+    data_root: str | os.PathLike[str],
+    db: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    backbone: BackboneSpec | None = None,
+    views: int = 100,
+    seed: int = 0,
+    descriptions: str = "auto",
+    cache: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    workers: int = 2,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Accuracy of CuPL and RA-TTA for each value of one hyperparameter, on cached features.
+
+    The features are extracted once (with ``views`` views); a sweep over ``views`` adapts with
+    the first V' of them. Writes sweep_<param>.csv/.json and a plot into ``out_dir``.
+    """
+    from ratta.plots import plot_sweep
+    from ratta.run import run
+
+    if param not in SWEEP_PARAMS:
+        raise RattaInputError(f"--param must be one of {', '.join(SWEEP_PARAMS)}, got '{param}'")
+    if not values:
+        raise RattaInputError("--values: give at least one value")
+    out = Path(out_dir)
+    base = EvalSettings().config(dataset)
+    results = []
+    for value in values:
+        as_int = int(value) if param != "quantile" else None
+        if param != "quantile" and as_int != value:
+            raise RattaInputError(f"--values: {param} takes integers, got {value}")
+        config = base if param == "views" else replace(base, **{param: as_int or value})
+        digest = hashlib.sha256(f"{param}={value}".encode()).hexdigest()[:8]
+        summary = run(
+            dataset,
+            data_root,
+            db,
+            out / "runs" / f"{param}-{value}-{digest}",
+            backbone=backbone,
+            settings=ExtractSettings(views=views, seed=seed),
+            descriptions=descriptions_for(dataset, descriptions),
+            config=config,
+            cache=cache,
+            device=device,
+            workers=workers,
+            adapt_views=as_int if param == "views" else None,
+            progress=progress,
+        )
+        m = summary["metrics"]
+        results.append(
+            {
+                "param": param,
+                "value": value,
+                "cupl_top1": m["zero_shot"]["top1"],
+                "retrieval_top1": m["retrieval"]["top1"],
+                "ratta_top1": m["ratta"]["top1"],
+                "fallback": summary["counts"]["fallback"],
+                "features_reused": summary["cache"]["features_reused"],
+            }
+        )
+    write_json(out / f"sweep_{param}.json", {"dataset": dataset, "seed": seed, "results": results})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(results[0]))
+    writer.writeheader()
+    writer.writerows(results)
+    write_text_atomic(out / f"sweep_{param}.csv", buf.getvalue())
+    plot_sweep(results, param, dataset, out / f"sweep_{param}.png")
+    return results

@@ -1,0 +1,74 @@
+"""Report figures (matplotlib, PNG): readable on their own, without the tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ratta.files import atomic_path
+
+FIGSIZE = (8.0, 4.5)
+DPI = 100
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    fig.clf()
+
+
+def plot_gain(agg: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> None:
+    """Bar chart: top-1 gain of RA-TTA over CuPL per dataset (mean over seeds, std bars)."""
+    plt = _pyplot()
+    names = [d for d in agg if "ratta" in agg[d] and "cupl" in agg[d]]
+    gains = [agg[d]["ratta"][0] - agg[d]["cupl"][0] for d in names]
+    errs = [agg[d]["ratta"][1] for d in names]
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    colors = ["tab:green" if g >= 0 else "tab:red" for g in gains]
+    ax.bar(range(len(names)), gains, yerr=errs, color=colors, capsize=3)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("top-1 gain of RA-TTA over CuPL (points)")
+    ax.set_title("RA-TTA vs CuPL zero-shot, per dataset")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_sweep(results: Sequence[dict[str, Any]], param: str, dataset: str, path: Path) -> None:
+    """Line chart: top-1 of CuPL, retrieval only and RA-TTA against one hyperparameter."""
+    plt = _pyplot()
+    labels = {
+        "k_d": "K_D (top descriptions)",
+        "k_s": "K_S (retrieved images per set)",
+        "quantile": "q (description-score quantile)",
+        "min_desc": "min_desc",
+        "views": "V (random views)",
+    }
+    xs = [r["value"] for r in results]
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for key, label, style in (
+        ("ratta_top1", "RA-TTA", "o-"),
+        ("retrieval_top1", "retrieval only", "s--"),
+        ("cupl_top1", "CuPL (zero-shot)", "k:"),
+    ):
+        ax.plot(xs, [r[key] for r in results], style, label=label)
+    ax.set_xlabel(labels[param])
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{dataset}: accuracy against {labels[param]}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,207 @@
+"""`ratta eval` and `ratta sweep`: every number recomputable from the per-image outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_coop
+from PIL import Image
+from safetensors.torch import load_file
+
+import ratta.run
+from ratta.cli import main
+from ratta.metrics import expected_calibration_error
+
+CLASSES = {
+    "dtd": ["zigzagged", "banded", "woven_fabric"],
+    "caltech101": ["accordion", "yin_yang", "car_side", "Faces"],
+}
+METHOD_KEYS = {
+    "clip": ("baselines", "single_template"),
+    "ensemble": ("baselines", "template_ensemble"),
+    "cupl": ("predictions", "zero_shot"),
+    "retrieval": ("predictions", "retrieval"),
+    "ratta": ("predictions", "final"),
+}
+
+
+@pytest.fixture()
+def setup(tmp_path, tiny_clip):
+    root, dbs, desc = tmp_path / "data", tmp_path / "dbs", tmp_path / "desc"
+    dbs.mkdir()
+    desc.mkdir()
+    rng = np.random.default_rng(1)
+    for i, (name, classes) in enumerate(CLASSES.items()):
+        make_coop(root, name, classes, per_class=3, seed=10 * i)
+        names = [c.replace("_", " ") for c in classes]
+        (desc / f"CuPL_prompts_{name}.json").write_text(
+            json.dumps(
+                {
+                    n: [f"A photo showing {n}.", f"{n} seen up close.", f"The {n} object."]
+                    for n in names
+                }
+            )
+        )
+        vecs = rng.standard_normal((40, 32)).astype(np.float32)
+        np.save(dbs / f"{name}.npy", vecs / np.linalg.norm(vecs, axis=1, keepdims=True))
+    args = [
+        "--data-root",
+        str(root),
+        "--descriptions",
+        str(desc),
+        "--views",
+        "4",
+        "--model-config",
+        str(tiny_clip["config"]),
+        "--pretrained",
+        str(tiny_clip["checkpoint"]),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--workers",
+        "0",
+        "--quiet",
+    ]
+    return {"root": root, "dbs": dbs, "args": args, "tmp": tmp_path}
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def reference_ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    total = 0.0
+    conf, pred = probs.max(1)
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = [i for i in range(len(conf)) if lo < float(conf[i]) <= hi]
+        if inside:
+            acc = sum(int(pred[i] == labels[i]) for i in inside) / len(inside)
+            avg = sum(float(conf[i]) for i in inside) / len(inside)
+            total += len(inside) / len(conf) * abs(acc - avg)
+    return 100 * total
+
+
+def test_eval_reports_are_recomputable_and_rerun_does_no_work(setup, monkeypatch) -> None:
+    out = setup["tmp"] / "eval"
+    argv = [
+        "eval",
+        "--datasets",
+        "dtd",
+        "caltech101",
+        "--db-root",
+        str(setup["dbs"]),
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(out),
+        *setup["args"],
+    ]
+    assert main(argv) == 0
+    rows = read_csv(out / "results.csv")
+    cells = {(r["dataset"], r["seed"], r["method"]) for r in rows}
+    assert cells == {(d, s, m) for d in CLASSES for s in ("0", "1") for m in METHOD_KEYS}
+    for r in rows:
+        cell = out / "cells" / r["dataset"] / f"seed-{r['seed']}"
+        kind, key = METHOD_KEYS[r["method"]]
+        probs = load_file(str(cell / f"{kind}.safetensors"))[key]
+        labels = load_file(str(cell / "predictions.safetensors"))["labels"]
+        top1 = 100 * float((probs.argmax(1) == labels).float().mean())
+        assert float(r["top1"]) == pytest.approx(top1, abs=1e-4)
+        assert float(r["ece"]) == pytest.approx(reference_ece(probs, labels), abs=1e-3)
+        assert int(r["images"]) == labels.shape[0] == 3 * len(CLASSES[r["dataset"]])
+    report = json.loads((out / "results.json").read_text())
+    assert report["cells_computed"] == 4 and not report["failures"]
+    md = (out / "results.md").read_text()
+    assert "| dtd |" in md and "| caltech101 |" in md and "Average (2 of 13)" in md
+    with Image.open(out / "plots" / "gain_over_cupl.png") as img:
+        assert img.format == "PNG" and img.size == (800, 450)
+
+    def no_backbone(*_a, **_k):
+        raise AssertionError("a rerun must not load the backbone")
+
+    monkeypatch.setattr(ratta.run, "load_backbone", no_backbone)
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.safetensors")}
+    assert main(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["cells_computed"] == 0 and again["cells_reused"] == 4
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.safetensors")} == mtimes
+    assert read_csv(out / "results.csv") == rows
+
+
+def test_a_failing_dataset_does_not_stop_the_others(setup, capsys) -> None:
+    (setup["dbs"] / "caltech101.npy").unlink()
+    out = setup["tmp"] / "eval"
+    argv = [
+        "eval",
+        "--datasets",
+        "caltech101",
+        "dtd",
+        "--db-root",
+        str(setup["dbs"]),
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        *setup["args"],
+    ]
+    assert main(argv) == 1
+    report = json.loads((out / "results.json").read_text())
+    assert [f["dataset"] for f in report["failures"]] == ["caltech101"]
+    assert "no database for caltech101" in report["failures"][0]["error"]
+    assert {r["dataset"] for r in report["rows"]} == {"dtd"}
+    assert "Failed cells" in (out / "results.md").read_text()
+
+
+def test_unknown_dataset_is_one_line(setup, capsys) -> None:
+    argv = [
+        "eval",
+        "--datasets",
+        "mnist",
+        "--db-root",
+        str(setup["dbs"]),
+        "--out",
+        str(setup["tmp"] / "e"),
+        *setup["args"],
+    ]
+    assert main(argv) == 2
+    assert "unknown mnist" in capsys.readouterr().err
+
+
+def test_sweep_reuses_one_extraction(setup) -> None:
+    out = setup["tmp"] / "sweep"
+    base = [
+        "--dataset",
+        "dtd",
+        "--db",
+        str(setup["dbs"] / "dtd.npy"),
+        "--out",
+        str(out),
+        *setup["args"],
+    ]
+    assert main(["sweep", "--param", "k_s", "--values", "2", "5", *base]) == 0
+    results = json.loads((out / "sweep_k_s.json").read_text())["results"]
+    assert [r["value"] for r in results] == [2, 5]
+    assert [r["features_reused"] for r in results] == [False, True]
+    with Image.open(out / "sweep_k_s.png") as img:
+        assert img.size == (800, 450)
+    assert main(["sweep", "--param", "views", "--values", "0", "4", *base]) == 0
+    views = json.loads((out / "sweep_views.json").read_text())["results"]
+    assert all(r["features_reused"] for r in views)
+    assert len(read_csv(out / "sweep_views.csv")) == 2
+
+
+def test_ece_matches_the_definition() -> None:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(200, 7, generator=g), 1)
+    labels = torch.randint(0, 7, (200,), generator=g)
+    assert expected_calibration_error(probs, labels) == pytest.approx(
+        reference_ece(probs, labels), abs=1e-9
+    )
+    perfect = torch.eye(5)
+    assert expected_calibration_error(perfect, torch.arange(5)) == 0.0
