@@ -64,6 +64,17 @@ def tiny_clip(tmp_path_factory) -> dict[str, Path]:
     return {"config": config, "checkpoint": checkpoint}
 
 
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_clip):
+    """The tiny model loaded through ratta's backbone loader."""
+    from ratta.backbones import BackboneSpec, load_backbone
+
+    spec = BackboneSpec(
+        model=None, pretrained=str(tiny_clip["checkpoint"]), model_config=str(tiny_clip["config"])
+    )
+    return load_backbone(spec)
+
+
 def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
     """Small random RGB images of varied sizes and formats."""
     from PIL import Image

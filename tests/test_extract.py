@@ -14,21 +14,9 @@ from safetensors.torch import load_file
 from torchvision import transforms as T
 
 import ratta.extract as extract_mod
-from ratta.backbones import BackboneSpec, load_backbone
 from ratta.errors import RattaInputError
 from ratta.extract import ExtractSettings, extract_features
 from ratta.views import image_seed
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_clip):
-    return load_backbone(
-        BackboneSpec(
-            model=None,
-            pretrained=str(tiny_clip["checkpoint"]),
-            model_config=str(tiny_clip["config"]),
-        )
-    )
 
 
 @pytest.fixture()
@@ -36,13 +24,13 @@ def images(tmp_path):
     return write_images(tmp_path / "imgs", 11, seed=5)
 
 
-def run(backbone, images, out, views=6, seed=3, **kw):
+def run(tiny_backbone, images, out, views=6, seed=3, **kw):
     labels = [i % 4 for i in range(len(images))]
     kw.setdefault("workers", 0)
     return extract_features(
         images,
         labels,
-        backbone,
+        tiny_backbone,
         out,
         ExtractSettings(views=views, seed=seed, dtype="float32"),
         **kw,
@@ -50,9 +38,9 @@ def run(backbone, images, out, views=6, seed=3, **kw):
 
 
 def test_image_embedding_equals_open_clip_center_crop(
-    backbone, tiny_clip, images, tmp_path
+    tiny_backbone, tiny_clip, images, tmp_path
 ) -> None:
-    run(backbone, images, tmp_path / "f.safetensors", batch_size=4)
+    run(tiny_backbone, images, tmp_path / "f.safetensors", batch_size=4)
     got = load_file(str(tmp_path / "f.safetensors"))
     model, _, preprocess = open_clip.create_model_and_transforms(
         "tiny-clip", pretrained=str(tiny_clip["checkpoint"])
@@ -69,8 +57,8 @@ def test_image_embedding_equals_open_clip_center_crop(
     torch.testing.assert_close(norms, torch.ones_like(norms))
 
 
-def test_views_are_seeded_random_resized_crops(backbone, tiny_clip, images, tmp_path) -> None:
-    run(backbone, images[:3], tmp_path / "f.safetensors", views=4, seed=9)
+def test_views_are_seeded_random_resized_crops(tiny_backbone, tiny_clip, images, tmp_path) -> None:
+    run(tiny_backbone, images[:3], tmp_path / "f.safetensors", views=4, seed=9)
     got = load_file(str(tmp_path / "f.safetensors"))["views"]
     model, _, _ = open_clip.create_model_and_transforms(
         "tiny-clip", pretrained=str(tiny_clip["checkpoint"])
@@ -78,7 +66,10 @@ def test_views_are_seeded_random_resized_crops(backbone, tiny_clip, images, tmp_
     model.eval()
     aug = T.Compose([T.RandomResizedCrop(32), T.RandomHorizontalFlip()])
     tail = T.Compose(
-        [T.ToTensor(), T.Normalize(backbone.preprocessing.mean, backbone.preprocessing.std)]
+        [
+            T.ToTensor(),
+            T.Normalize(tiny_backbone.preprocessing.mean, tiny_backbone.preprocessing.std),
+        ]
     )
     for index in range(3):
         img = Image.open(images[index]).convert("RGB")
@@ -89,25 +80,25 @@ def test_views_are_seeded_random_resized_crops(backbone, tiny_clip, images, tmp_
         assert bool(((got[index] * expected).sum(-1) >= 0.999).all())
 
 
-def test_identical_across_batch_sizes_and_workers(backbone, images, tmp_path) -> None:
-    run(backbone, images, tmp_path / "a.safetensors", batch_size=1, chunk_size=3)
-    run(backbone, images, tmp_path / "b.safetensors", batch_size=5, chunk_size=100, workers=2)
+def test_identical_across_batch_sizes_and_workers(tiny_backbone, images, tmp_path) -> None:
+    run(tiny_backbone, images, tmp_path / "a.safetensors", batch_size=1, chunk_size=3)
+    run(tiny_backbone, images, tmp_path / "b.safetensors", batch_size=5, chunk_size=100, workers=2)
     a = load_file(str(tmp_path / "a.safetensors"))
     b = load_file(str(tmp_path / "b.safetensors"))
     for key in ("image", "views", "labels", "index"):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_different_seeds_give_different_views(backbone, images, tmp_path) -> None:
-    run(backbone, images[:2], tmp_path / "a.safetensors", seed=1)
-    run(backbone, images[:2], tmp_path / "b.safetensors", seed=2)
+def test_different_seeds_give_different_views(tiny_backbone, images, tmp_path) -> None:
+    run(tiny_backbone, images[:2], tmp_path / "a.safetensors", seed=1)
+    run(tiny_backbone, images[:2], tmp_path / "b.safetensors", seed=2)
     a = load_file(str(tmp_path / "a.safetensors"))
     b = load_file(str(tmp_path / "b.safetensors"))
     assert torch.equal(a["image"], b["image"]) and not torch.equal(a["views"], b["views"])
 
 
-def test_resumed_run_equals_uninterrupted(backbone, images, tmp_path, monkeypatch) -> None:
-    run(backbone, images, tmp_path / "whole.safetensors", chunk_size=2)
+def test_resumed_run_equals_uninterrupted(tiny_backbone, images, tmp_path, monkeypatch) -> None:
+    run(tiny_backbone, images, tmp_path / "whole.safetensors", chunk_size=2)
     out = tmp_path / "resumed.safetensors"
     real_write = extract_mod._write_chunk
     written = []
@@ -120,11 +111,11 @@ def test_resumed_run_equals_uninterrupted(backbone, images, tmp_path, monkeypatc
 
     monkeypatch.setattr(extract_mod, "_write_chunk", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        run(backbone, images, out, chunk_size=2)
+        run(tiny_backbone, images, out, chunk_size=2)
     assert not out.exists()
     assert len(list((tmp_path / "resumed.safetensors.parts").glob("chunk-*"))) == 2
     monkeypatch.setattr(extract_mod, "_write_chunk", real_write)
-    summary = run(backbone, images, out, chunk_size=2)
+    summary = run(tiny_backbone, images, out, chunk_size=2)
     assert summary["resumed_chunks"] == 2
     whole = load_file(str(tmp_path / "whole.safetensors"))
     resumed = load_file(str(out))
@@ -133,29 +124,30 @@ def test_resumed_run_equals_uninterrupted(backbone, images, tmp_path, monkeypatc
     assert not (tmp_path / "resumed.safetensors.parts").exists()
 
 
-def test_resume_refuses_other_settings(backbone, images, tmp_path, monkeypatch) -> None:
+def test_resume_refuses_other_settings(tiny_backbone, images, tmp_path, monkeypatch) -> None:
     out = tmp_path / "f.safetensors"
     monkeypatch.setattr(
         extract_mod, "_write_chunk", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
     )
     with pytest.raises(KeyboardInterrupt):
-        run(backbone, images, out, chunk_size=2)
+        run(tiny_backbone, images, out, chunk_size=2)
     monkeypatch.undo()
     with pytest.raises(RattaInputError, match="other settings"):
-        run(backbone, images, out, chunk_size=2, seed=4)
+        run(tiny_backbone, images, out, chunk_size=2, seed=4)
 
 
-def test_corrupt_and_truncated_images_are_skipped_and_listed(backbone, images, tmp_path) -> None:
+def test_corrupt_and_truncated_images_are_skipped_and_listed(
+    tiny_backbone, images, tmp_path
+) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     truncated = tmp_path / "cut.jpg"
-    truncated.write_bytes(images[1].read_bytes()[:60]) if images[1].suffix == ".jpg" else None
     Image.new("RGB", (40, 40)).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])
     paths = [*images[:3], tmp_path / "bad.jpg", truncated, images[3]]
     summary = extract_features(
         paths,
         list(range(6)),
-        backbone,
+        tiny_backbone,
         tmp_path / "f.safetensors",
         ExtractSettings(views=2),
         workers=0,
@@ -169,11 +161,11 @@ def test_corrupt_and_truncated_images_are_skipped_and_listed(backbone, images, t
     assert on_disk["skipped"] == 2 and "bad.jpg" in on_disk["skipped_images"][0]["path"]
 
 
-def test_features_file_feeds_adapt(backbone, images, tmp_path) -> None:
+def test_features_file_feeds_adapt(tiny_backbone, images, tmp_path) -> None:
     from ratta.adapt import adapt
     from ratta.files import FeatureReader
 
-    run(backbone, images, tmp_path / "f.safetensors")
+    run(tiny_backbone, images, tmp_path / "f.safetensors")
     reader = FeatureReader(tmp_path / "f.safetensors")
     assert reader.num_images == 11 and reader.num_views == 6 and reader.dim == 32
     assert callable(adapt)

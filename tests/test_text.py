@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ratta.backbones import BackboneSpec, load_backbone
 from ratta.errors import RattaInputError
 from ratta.files import load_text
 from ratta.presets import get_preset
@@ -25,17 +24,6 @@ DESCRIPTIONS = {
     "blotchy": ["Irregular spots.", "Patchy colour.", "Uneven marks."],
     "woven_fabric": ["Interlaced threads."],  # matched to 'woven fabric'
 }
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_clip):
-    return load_backbone(
-        BackboneSpec(
-            model=None,
-            pretrained=str(tiny_clip["checkpoint"]),
-            model_config=str(tiny_clip["config"]),
-        )
-    )
 
 
 @pytest.fixture()
@@ -68,10 +56,10 @@ def test_composition_follows_the_reference() -> None:
     )
 
 
-def test_text_file_matches_open_clip(backbone, tiny_clip, desc_file, tmp_path) -> None:
+def test_text_file_matches_open_clip(tiny_backbone, tiny_clip, desc_file, tmp_path) -> None:
     dtd = get_preset("dtd")
     out = tmp_path / "text.safetensors"
-    build_text_features(NAMES, desc_file, dtd.templates, dtd.pre, backbone, out)
+    build_text_features(NAMES, desc_file, dtd.templates, dtd.pre, tiny_backbone, out)
     text = load_text(out)
     assert text.class_names == NAMES
     assert text.desc_class.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2]
@@ -101,27 +89,27 @@ def load_file_meta(path) -> dict:
         return f.metadata()
 
 
-def test_missing_classes_are_listed(backbone, tmp_path) -> None:
+def test_missing_classes_are_listed(tiny_backbone, tmp_path) -> None:
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"banded": ["x y z."]}))
     dtd = get_preset("dtd")
     with pytest.raises(RattaInputError) as err:
-        build_text_features(NAMES, path, dtd.templates, dtd.pre, backbone, tmp_path / "t.st")
+        build_text_features(NAMES, path, dtd.templates, dtd.pre, tiny_backbone, tmp_path / "t.st")
     assert "'blotchy'" in str(err.value) and "'woven fabric'" in str(err.value)
     assert "--allow-missing" in str(err.value) and not (tmp_path / "t.st").exists()
     summary = build_text_features(
-        NAMES, path, dtd.templates, dtd.pre, backbone, tmp_path / "t.st", allow_missing=True
+        NAMES, path, dtd.templates, dtd.pre, tiny_backbone, tmp_path / "t.st", allow_missing=True
     )
     assert summary["missing_classes"] == ["blotchy", "woven fabric"]
     assert load_file(str(tmp_path / "t.st"))["desc_class"].tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
 
 
-def test_malformed_descriptions_file(backbone, tmp_path) -> None:
+def test_malformed_descriptions_file(tiny_backbone, tmp_path) -> None:
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"banded": "not a list"}))
     dtd = get_preset("dtd")
     with pytest.raises(RattaInputError, match="CuPL JSON"):
-        build_text_features(NAMES, path, dtd.templates, dtd.pre, backbone, tmp_path / "t.st")
+        build_text_features(NAMES, path, dtd.templates, dtd.pre, tiny_backbone, tmp_path / "t.st")
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
@@ -159,10 +147,12 @@ def test_auto_descriptions_download_once_into_the_cache(tmp_path, monkeypatch) -
         server.shutdown()
 
 
-def test_baseline_classifiers_match_open_clip(backbone, tiny_clip, desc_file, tmp_path) -> None:
+def test_baseline_classifiers_match_open_clip(
+    tiny_backbone, tiny_clip, desc_file, tmp_path
+) -> None:
     dtd = get_preset("dtd")
     out = tmp_path / "text.safetensors"
-    build_text_features(NAMES, desc_file, dtd.templates, dtd.pre, backbone, out)
+    build_text_features(NAMES, desc_file, dtd.templates, dtd.pre, tiny_backbone, out)
     text = load_text(out)
     model = open_clip.create_model("tiny-clip", pretrained=str(tiny_clip["checkpoint"])).eval()
     tok = open_clip.get_tokenizer("tiny-clip")

@@ -117,6 +117,23 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _pipeline_args(p: argparse.ArgumentParser, workers: bool = True) -> None:
+    """Options of the commands that chain stages through the cache (run, eval, sweep)."""
+    if workers:
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=min(4, os.cpu_count() or 1),
+            help="image decoding/augmentation workers (%(default)s)",
+        )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (%(default)s)")
+    p.add_argument(
+        "--cache", default=None, help="cache folder (default: $RATTA_CACHE or ~/.cache/ratta)"
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _spec(args: argparse.Namespace) -> Any:
     from ratta.backbones import BackboneSpec
 
@@ -261,12 +278,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-desc", type=int, default=d.min_desc)
     p.add_argument("--adapt-batch-size", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--cache", default=None, help="cache folder (default: $RATTA_CACHE or ~/.cache/ratta)"
-    )
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quiet", action="store_true")
+    _pipeline_args(p, workers=False)
     p.set_defaults(func=_run_run)
 
 
@@ -337,11 +349,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k-s", type=int, default=None)
     p.add_argument("--quantile", type=float, default=None, help="default: the dataset's")
     p.add_argument("--min-desc", type=int, default=None)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--cache", default=None)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quiet", action="store_true")
+    _pipeline_args(p)
     p.set_defaults(func=_run_eval)
 
 
@@ -397,11 +405,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--views", type=int, default=100, help="views extracted (%(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--descriptions", default="auto")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--cache", default=None)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quiet", action="store_true")
+    _pipeline_args(p)
     p.set_defaults(func=_run_sweep)
 
 
