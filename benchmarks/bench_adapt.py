@@ -73,7 +73,7 @@ def ensure_data() -> dict[str, Path]:
 
 
 def run_cli(paths: dict[str, Path], out: Path, extra: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one `ratta adapt` process."""
+    """Wall seconds and peak RSS (GB, the process's own VmHWM) of one `ratta adapt` process."""
     exe = Path(sys.executable).with_name("ratta")
     cmd = [
         str(exe),
@@ -98,7 +98,8 @@ def run_cli(paths: dict[str, Path], out: Path, extra: list[str]) -> tuple[float,
         raise SystemExit(
             f"ratta adapt failed: {proc.stderr.read().decode() if proc.stderr else ''}"
         )
-    return wall, usage.ru_maxrss / 1024**2
+    del usage  # ru_maxrss would include this (forking) process's memory
+    return wall, json.loads(Path(f"{out}.json").read_text())["peak_rss_mb"] / 1024
 
 
 def _best_of(blocks: list[int], run) -> float:

@@ -29,6 +29,7 @@ from ratta.files import (
     write_json,
 )
 from ratta.metrics import topk_accuracy
+from ratta.resources import peak_rss_mb
 from ratta.retrieval import ExactRetriever, FaissRetriever
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -214,5 +215,6 @@ def adapt(
     summary["timings_s"] = {k: round(v, 4) for k, v in timer.seconds.items()}
     summary["timings_s"]["total"] = round(total, 4)
     summary["ms_per_image"] = round(1000.0 * total / n, 3)
+    summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     write_json(Path(f"{out_path}.json"), summary)
     return summary

@@ -34,6 +34,7 @@ from ratta.files import (
     save_safetensors,
     write_json,
 )
+from ratta.resources import peak_rss_mb
 from ratta.views import crops, normalise
 
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -231,6 +232,7 @@ def extract_features(
         "encode": round(encode_s, 3),
     }
     summary["resumed_chunks"] = num_chunks - len(todo_chunks)
+    summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if todo:
         summary["images_per_s"] = round(len(todo) / max(1e-9, time.perf_counter() - started), 3)
     write_json(Path(f"{out_path}.json"), summary)
