@@ -19,7 +19,7 @@ def run_demo(folder: str | Path | None = None, seed: int = 0) -> dict:
         print(
             f"SYNTHETIC DATA: {world.text.num_classes} classes, {len(world.labels)} test images "
             f"x {world.views.shape[1]} views, database of {world.database.shape[0]} "
-            f"generated embeddings (files in {root})"
+            f"generated embeddings ({f'files in {root}' if folder else 'temporary files'})"
         )
         summary = adapt(paths["features"], paths["text"], paths["db"], out)
         m = summary["metrics"]
