@@ -57,9 +57,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_safetensors(
@@ -527,8 +531,3 @@ class SafetensorsStreamWriter:
         self._fh.close()
         if incomplete:
             raise RuntimeError(f"tensors {incomplete} are incomplete")
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
