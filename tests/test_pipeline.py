@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -190,3 +191,60 @@ def test_describe_output_feeds_text(data, tiny_clip, tmp_path) -> None:
         == 0
     )
     assert load_text(out).class_names == data["names"]
+
+
+def test_extract_killed_mid_run_resumes_to_the_same_file(tiny_clip, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "imgs" / "cls"
+    folder.mkdir(parents=True)
+    for i in range(16):  # large PNGs decode slowly enough to be killed mid-run
+        Image.fromarray(rng.integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(
+            folder / f"{i:02d}.png"
+        )
+    exe = str(Path(sys.executable).with_name("ratta"))
+
+    def cmd(out):
+        return [
+            exe,
+            "extract",
+            "--dataset",
+            "folder",
+            "--data-root",
+            str(tmp_path / "imgs"),
+            "--views",
+            "2",
+            "--chunk-size",
+            "2",
+            "--workers",
+            "0",
+            "--quiet",
+            "--out",
+            str(out),
+            *backbone_args(tiny_clip),
+        ]
+
+    out = tmp_path / "killed.safetensors"
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = Path(f"{out}.parts")
+    deadline = time.monotonic() + 60
+    while len(list(parts.glob("chunk-*.safetensors"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(parts.glob("chunk-*.safetensors")))
+    assert 2 <= done_before < 8 and not out.exists()
+    for chunk in parts.glob("chunk-*.safetensors"):  # visible chunks are complete
+        assert load_file(str(chunk))["image"].shape[0] == 2
+    subprocess.run(cmd(out), check=True, capture_output=True)
+    summary = json.loads(Path(f"{out}.json").read_text())
+    assert summary["resumed_chunks"] == done_before
+    whole = tmp_path / "whole.safetensors"
+    subprocess.run(cmd(whole), check=True, capture_output=True)
+    a, b = load_file(str(out)), load_file(str(whole))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
