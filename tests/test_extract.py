@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import open_clip
 import pytest
@@ -169,3 +170,16 @@ def test_features_file_feeds_adapt(tiny_backbone, images, tmp_path) -> None:
     reader = FeatureReader(tmp_path / "f.safetensors")
     assert reader.num_images == 11 and reader.num_views == 6 and reader.dim == 32
     assert callable(adapt)
+
+
+def test_zero_views_writes_an_empty_views_tensor(tiny_backbone, images, tmp_path) -> None:
+    run(tiny_backbone, images[:3], tmp_path / "f.safetensors", views=0)
+    got = load_file(str(tmp_path / "f.safetensors"))
+    assert got["views"].shape == (3, 0, 32) and got["image"].shape == (3, 32)
+
+
+def test_outputs_follow_the_umask(tiny_backbone, images, tmp_path) -> None:
+    run(tiny_backbone, images[:2], tmp_path / "f.safetensors", views=1)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "f.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask

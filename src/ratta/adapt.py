@@ -17,14 +17,13 @@ from tqdm import tqdm
 
 from ratta import __version__
 from ratta.config import RATTAConfig
+from ratta.db import inspect_database, load_for_search
 from ratta.engine import BatchResult, ratta_batch
 from ratta.errors import RattaInputError
 from ratta.files import (
     FeatureReader,
     check_output_path,
-    load_database,
     load_text,
-    open_database,
     save_safetensors,
     write_json,
 )
@@ -33,7 +32,7 @@ from ratta.resources import peak_rss_mb
 from ratta.retrieval import ExactRetriever, FaissRetriever
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-SEARCHES = ("exact", "faiss")
+SEARCHES = ("exact", "faiss", "index")
 OUTPUT_KEYS = (
     "zero_shot",
     "retrieval",
@@ -124,21 +123,28 @@ def adapt(
             raise RattaInputError(
                 f"--views {views}: {features} holds {reader.num_views} views per image"
             )
-        header = open_database(db)
-        for name, dim in (("features", reader.dim), ("database", header.shape[1])):
+        header = inspect_database(db)
+        if search == "index" and not header.has_index:
+            raise RattaInputError(
+                f"{db}: --search index needs a database directory with an approximate index "
+                "(add one with 'ratta db index --db DIR --index SPEC')"
+            )
+        for name, dim in (("features", reader.dim), ("database", header.dim)):
             if dim != txt.dim:
                 path = features if name == "features" else db
                 raise RattaInputError(
                     f"{path}: {name} embeddings have dimension {dim} but the text file "
                     f"{text} has {txt.dim}"
                 )
-        del header
-        database, sq_norms = load_database(db, dtype=work, device=dev)
-        retriever = (
-            ExactRetriever(database, sq_norms)
-            if search == "exact"
-            else FaissRetriever.flat(database)
+        database, sq_norms, index = load_for_search(
+            db, dtype=work, device=dev, with_index=search == "index"
         )
+        if search == "exact":
+            retriever: ExactRetriever | FaissRetriever = ExactRetriever(database, sq_norms)
+        elif search == "faiss":
+            retriever = FaissRetriever.flat(database)
+        else:
+            retriever = FaissRetriever(index, database)
         classifier = txt.classifier.to(device=dev, dtype=work)
         desc = txt.desc.to(device=dev, dtype=work)
         desc_class = txt.desc_class.to(dev)

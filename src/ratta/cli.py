@@ -13,6 +13,7 @@ from typing import Any
 from ratta import __version__
 from ratta.config import RATTAConfig
 from ratta.datasets.cli import add_parser as _add_datasets
+from ratta.db.cli import add_parser as _add_db
 from ratta.describe import add_parser as _add_describe
 from ratta.errors import RattaInputError
 from ratta.files import write_text_atomic
@@ -29,7 +30,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--features", required=True, help="features .safetensors (image, views, labels)")
     p.add_argument("--text", required=True, help="text .safetensors (classifier, desc, ...)")
-    p.add_argument("--db", required=True, help="image database .npy [N, d]")
+    p.add_argument("--db", required=True, help="image database: .npy [N, d] or a database folder")
     p.add_argument("--out", required=True, help="output .safetensors (summary at OUT.json)")
     p.add_argument("--k-d", type=int, default=d.k_d, help="K_D top descriptions (%(default)s)")
     p.add_argument("--k-s", type=int, default=d.k_s, help="K_S images per set (%(default)s)")
@@ -41,8 +42,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--search",
         default="exact",
-        choices=("exact", "faiss"),
-        help="exact: BLAS scan (default); faiss: IndexFlatL2",
+        choices=("exact", "faiss", "index"),
+        help="exact: BLAS scan (default); faiss: IndexFlatL2; index: the database "
+        "directory's approximate index",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_adapt)
@@ -263,7 +265,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     _dataset_args(p)
     _backbone_args(p)
     _extract_args(p)
-    p.add_argument("--db", required=True, help="image database .npy")
+    p.add_argument("--db", required=True, help="image database: .npy or a database folder")
     p.add_argument("--descriptions", default="auto", help="CuPL JSON file or 'auto'")
     p.add_argument("--preset", default=None, help="text preset for custom datasets")
     p.add_argument("--allow-missing", action="store_true")
@@ -401,7 +403,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--values", nargs="+", type=float, required=True)
     _dataset_args(p)
     _backbone_args(p)
-    p.add_argument("--db", required=True)
+    p.add_argument("--db", required=True, help="image database: .npy or a database folder")
     p.add_argument("--views", type=int, default=100, help="views extracted (%(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--descriptions", default="auto")
@@ -449,6 +451,7 @@ SUBCOMMANDS = [
     _add_demo,
     _add_describe,
     _add_datasets,
+    _add_db,
 ]
 
 

@@ -104,7 +104,7 @@ def _chunk_path(parts: Path, k: int) -> Path:
 
 
 def extract_features(
-    paths: Sequence[Path],
+    paths: Sequence[Path | Any],
     labels: Sequence[int] | None,
     backbone: Backbone,
     out: str | os.PathLike[str],
@@ -120,7 +120,8 @@ def extract_features(
     """Encode every image and its views into the features file ``out`` (+ ``out.json``).
 
     Args:
-        paths, labels: the test split in order (labels optional).
+        paths, labels: the test split in order (labels optional); a path may also be any
+            object PIL opens (e.g. a tar member) whose ``str()`` names it stably.
         settings: views V, seed and stored dtype; with the backbone and the images they
             identify the output, and a resumed run must use the same.
         batch_size: test images per DataLoader batch (does not change the output).
@@ -301,13 +302,13 @@ def _assemble(
     if has_labels:
         specs["labels"] = (torch.int64, (total,))
     meta = {"ratta_features": json.dumps(identity), "skipped": str(len(failures))}
-    with atomic_path(out) as tmp:
-        writer = SafetensorsStreamWriter(tmp, specs, meta)
+    with atomic_path(out) as tmp, SafetensorsStreamWriter(tmp, specs, meta) as writer:
         for key in specs:
+            if 0 in specs[key][1]:  # nothing to write (views [N, 0, d] when V = 0)
+                continue
             for h, size in zip(handles, sizes, strict=True):
                 if size:
                     writer.write(key, h.get_tensor(key))
-        writer.close()
     for h in handles:
         h.__exit__(None, None, None)
     return {

@@ -33,6 +33,8 @@ from torch import Tensor
 from ratta.errors import RattaInputError
 
 EMBED_DTYPES = (torch.float16, torch.float32)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 BASELINE_PREFIX = "baseline_"
 NUMPY_EMBED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 # Accepted deviation of an embedding's L2 norm from 1 (float16 storage rounds at ~5e-4).
@@ -49,6 +51,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output private
     try:
         yield Path(tmp)
         os.replace(tmp, final)
@@ -149,13 +152,13 @@ def check_embeddings(
     if x.numel() == 0:
         return x, 0
     norms = torch.linalg.vector_norm(x.float(), dim=-1)
-    fixed = _check_norms(x, norms, path, key, row_offset)
+    fixed = check_norms(x, norms, path, key, row_offset)
     if fixed:
         x = (x.float() / norms.unsqueeze(-1)).to(x.dtype)
     return x, fixed
 
 
-def _check_norms(x: Tensor, norms: Tensor, path: Path | str, key: str, row_offset: int) -> int:
+def check_norms(x: Tensor, norms: Tensor, path: Path | str, key: str, row_offset: int) -> int:
     """One pass over the norms finds every bad vector; returns how many are off the sphere."""
     per_item = _rows_per_item(x)
     if not bool(torch.isfinite(norms).all()):
@@ -440,9 +443,9 @@ def load_database(
     fixed = 0
     for start in range(0, arr.shape[0], chunk_rows):
         block = out[start : start + chunk_rows]
-        block.copy_(_readonly_tensor(arr[start : start + chunk_rows]))
+        block.copy_(readonly_tensor(arr[start : start + chunk_rows]))
         norms = torch.linalg.vector_norm(block, dim=-1)
-        n = _check_norms(block, norms, p, "database", start)
+        n = check_norms(block, norms, p, "database", start)
         if n:
             block.div_(norms.unsqueeze(1))
             norms = torch.linalg.vector_norm(block, dim=-1)
@@ -453,7 +456,7 @@ def load_database(
     return out, sq_norms
 
 
-def _readonly_tensor(arr: np.ndarray) -> Tensor:
+def readonly_tensor(arr: np.ndarray) -> Tensor:
     """A tensor over a read-only (memory-mapped) array, only ever read: no copy."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -531,3 +534,12 @@ class SafetensorsStreamWriter:
         self._fh.close()
         if incomplete:
             raise RuntimeError(f"tensors {incomplete} are incomplete")
+
+    def __enter__(self) -> SafetensorsStreamWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the caller's atomic_path discards the file; only release the handle
+            self._fh.close()

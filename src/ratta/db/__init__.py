@@ -1,0 +1,33 @@
+"""Image databases: the directory format, import, build, selection, indexes, leakage audit.
+
+The stage "corpus -> database" of the pipeline. A database is a directory (see
+:mod:`ratta.db.store`) or, as before, a single ``.npy`` array; ``ratta adapt`` reads both
+through :func:`load_for_search`. Modules, one per step:
+
+- ``store``: the format, the manifest, opening and loading for search;
+- ``writer``: writing a directory atomically, shard by shard;
+- ``sources``: reading any embedding source shard by shard (``safe_pickle`` for pickles);
+- ``importers``, ``build``, ``select``, ``index``, ``audit``: the ``ratta db`` commands;
+- ``cli``: the ``ratta db`` subcommands (a thin layer over the functions above).
+
+Only ``store`` is imported here, so ``ratta adapt`` pays for neither pyarrow nor FAISS
+unless it needs them.
+"""
+
+from ratta.db.store import (
+    Database,
+    DatabaseInfo,
+    Manifest,
+    inspect_database,
+    is_database_dir,
+    load_for_search,
+)
+
+__all__ = [
+    "Database",
+    "DatabaseInfo",
+    "Manifest",
+    "inspect_database",
+    "is_database_dir",
+    "load_for_search",
+]
