@@ -524,3 +524,37 @@ def test_templates_only_without_dataset_uses_generic_templates_of_the_kind(
     cupl = json.loads(out.read_text())
     assert cupl["forest"] == [t.format("forest") for t in GENERIC_TEMPLATES["satellite"]]
     assert list(cupl) == ["airport", "forest"]
+
+
+def test_llm_descriptions_feed_ratta_text(llm: FakeLLM, api_key, tmp_path, tiny_clip) -> None:
+    from conftest import write_images
+
+    from ratta.cli import main
+    from ratta.files import load_text
+
+    names = CLASSES[:3]
+    for i, name in enumerate(names):  # a folder dataset whose class names are these
+        write_images(tmp_path / "data" / name, 1, seed=i)
+    out = tmp_path / "cupl.json"
+    describe(names, out, **fast(llm))
+    text = tmp_path / "text.safetensors"
+    argv = [
+        "text",
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--descriptions",
+        str(out),
+        "--out",
+        str(text),
+        "--model-config",
+        str(tiny_clip["config"]),
+        "--pretrained",
+        str(tiny_clip["checkpoint"]),
+    ]
+    assert main(argv) == 0
+    loaded = load_text(text)
+    assert loaded.class_names == names
+    per_class = len(json.loads(out.read_text())[names[0]])
+    assert loaded.desc_class.tolist() == [c for c in range(3) for _ in range(per_class + 1)]
