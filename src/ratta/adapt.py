@@ -1,15 +1,22 @@
-"""The adaptation stage: (features, text, database) files -> predictions file + JSON summary."""
+"""The adaptation stage: (features, text, database) files -> predictions file + JSON summary.
+
+Test images are adapted in batches of ``batch_size``; on Ray (``backend=RayBackend(...)``)
+the same batches are the shards, adapted by workers that each load the text and the
+database once, and concatenated in order on the driver.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -18,10 +25,12 @@ from tqdm import tqdm
 from ratta import __version__
 from ratta.config import RATTAConfig
 from ratta.db import inspect_database, load_for_search
+from ratta.distributed import ShardStore, file_stamp
 from ratta.engine import BatchResult, ratta_batch
 from ratta.errors import RattaInputError
 from ratta.files import (
     FeatureReader,
+    TextFeatures,
     check_output_path,
     load_text,
     save_safetensors,
@@ -30,6 +39,9 @@ from ratta.files import (
 from ratta.metrics import topk_accuracy
 from ratta.resources import peak_rss_mb
 from ratta.retrieval import ExactRetriever, FaissRetriever
+
+if TYPE_CHECKING:
+    from ratta.distributed import RayBackend
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SEARCHES = ("exact", "faiss", "index")
@@ -82,6 +94,134 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@dataclass
+class _Inputs:
+    """The validated, opened inputs: text features and the features reader."""
+
+    features: str | os.PathLike[str]
+    text: str | os.PathLike[str]
+    db: str | os.PathLike[str]
+    txt: TextFeatures
+    reader: FeatureReader
+    views: int | None
+
+
+@dataclass
+class _Search:
+    """What the engine needs on the device, in the working dtype."""
+
+    retriever: ExactRetriever | FaissRetriever
+    classifier: Tensor
+    desc: Tensor
+    desc_class: Tensor
+    logit_scale: float
+
+
+def _open_inputs(
+    features: str | os.PathLike[str],
+    text: str | os.PathLike[str],
+    db: str | os.PathLike[str],
+    search: str,
+    views: int | None,
+) -> _Inputs:
+    """Every check that needs no database rows: files, keys, shapes, labels, dimensions."""
+    txt = load_text(text)
+    reader = FeatureReader(features)
+    reader.check_labels(txt.num_classes)
+    if views is not None and not 0 <= views <= reader.num_views:
+        raise RattaInputError(
+            f"--views {views}: {features} holds {reader.num_views} views per image"
+        )
+    header = inspect_database(db)
+    if search == "index" and not header.has_index:
+        raise RattaInputError(
+            f"{db}: --search index needs a database directory with an approximate index "
+            "(add one with 'ratta db index --db DIR --index SPEC')"
+        )
+    for name, dim in (("features", reader.dim), ("database", header.dim)):
+        if dim != txt.dim:
+            path = features if name == "features" else db
+            raise RattaInputError(
+                f"{path}: {name} embeddings have dimension {dim} but the text file "
+                f"{text} has {txt.dim}"
+            )
+    return _Inputs(features, text, db, txt, reader, views)
+
+
+def _load_search(inp: _Inputs, dev: torch.device, work: torch.dtype, search: str) -> _Search:
+    """The database (validated, in the working dtype) and the text tensors, on ``dev``."""
+    database, sq_norms, index = load_for_search(
+        inp.db, dtype=work, device=dev, with_index=search == "index"
+    )
+    if search == "exact":
+        retriever: ExactRetriever | FaissRetriever = ExactRetriever(database, sq_norms)
+    elif search == "faiss":
+        retriever = FaissRetriever.flat(database)
+    else:
+        retriever = FaissRetriever(index, database)
+    return _Search(
+        retriever,
+        inp.txt.classifier.to(device=dev, dtype=work),
+        inp.txt.desc.to(device=dev, dtype=work),
+        inp.txt.desc_class.to(dev),
+        inp.txt.logit_scale,
+    )
+
+
+def _adapt_range(
+    inp: _Inputs,
+    s: _Search,
+    span: tuple[int, int],
+    config: RATTAConfig,
+    work: torch.dtype,
+    timer: StageTimer,
+) -> dict[str, Tensor]:
+    """RA-TTA outputs (CPU) of test images ``span`` = (start, stop): one batch, either backend."""
+    with timer("read"):
+        x = inp.reader.batch(*span, inp.views).to(device=s.classifier.device, dtype=work)
+    result: BatchResult = ratta_batch(
+        x, s.classifier, s.desc, s.desc_class, s.logit_scale, s.retriever, config, timer
+    )
+    return {key: getattr(result, key).cpu() for key in OUTPUT_KEYS}
+
+
+class RangeAdapter:
+    """The adaptation job of a Ray worker: loads text and database once, adapts a range of
+    test images per call. Inputs are read from their paths, which every node must see."""
+
+    def __init__(
+        self,
+        features: str | os.PathLike[str],
+        text: str | os.PathLike[str],
+        db: str | os.PathLike[str],
+        config: RATTAConfig,
+        *,
+        dtype: str,
+        search: str,
+        views: int | None,
+    ) -> None:
+        self.paths = (str(features), str(text), str(db))
+        self.config, self.dtype, self.search, self.views = config, dtype, search, views
+
+    def setup(self, device: str) -> None:
+        self.dev = resolve_device(device)
+        self.timer = StageTimer(self.dev)
+        with self.timer("load"):
+            self.inputs = _open_inputs(*self.paths, self.search, self.views)
+            self.loaded = _load_search(self.inputs, self.dev, DTYPES[self.dtype], self.search)
+
+    def __call__(self, span: tuple[int, int]) -> dict[str, Any]:
+        before = dict(self.inputs.reader.renormalised)
+        with torch.inference_mode():
+            outputs = _adapt_range(
+                self.inputs, self.loaded, span, self.config, DTYPES[self.dtype], self.timer
+            )
+        renormalised = {k: v - before[k] for k, v in self.inputs.reader.renormalised.items()}
+        timings = dict(self.timer.seconds)
+        self.timer.seconds.clear()
+        return {"outputs": outputs, "renormalised": renormalised, "timings": timings}
+
+
 def adapt(
     features: str | os.PathLike[str],
     text: str | os.PathLike[str],
@@ -95,12 +235,18 @@ def adapt(
     search: str = "exact",
     views: int | None = None,
     progress: bool = False,
+    backend: RayBackend | None = None,
 ) -> dict[str, Any]:
     """Run RA-TTA over a features file and write ``out`` (safetensors) and ``out.json``.
 
     Every input is validated before work starts (values of the features file batch by batch);
     on any error nothing is written. ``views`` uses only the first V' stored views (for
     sweeps over V). Returns the JSON summary.
+
+    With ``backend=RayBackend(...)`` the batches (ranges of ``batch_size`` test images, the
+    local batches) are adapted by Ray workers, each loading the text and the database once
+    from their paths; finished batches are kept in ``out.parts/`` (a rerun skips them) and
+    the outputs are concatenated in order, as locally.
     """
     config = config or RATTAConfig()
     if batch_size < 1:
@@ -109,63 +255,41 @@ def adapt(
         raise RattaInputError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if search not in SEARCHES:
         raise RattaInputError(f"--search must be one of {', '.join(SEARCHES)}, got '{search}'")
-    dev = resolve_device(device)
+    if backend is not None:
+        device = backend.check_device(device)
+        dev = torch.device(device)
+    else:
+        dev = resolve_device(device)
     work = DTYPES[dtype]
     out_path = check_output_path(out)
-    timer = StageTimer(dev)
+    timer = StageTimer(dev if backend is None else torch.device("cpu"))
     t_start = time.perf_counter()
 
     with timer("load"):
-        txt = load_text(text)
-        reader = FeatureReader(features)
-        reader.check_labels(txt.num_classes)
-        if views is not None and not 0 <= views <= reader.num_views:
-            raise RattaInputError(
-                f"--views {views}: {features} holds {reader.num_views} views per image"
-            )
-        header = inspect_database(db)
-        if search == "index" and not header.has_index:
-            raise RattaInputError(
-                f"{db}: --search index needs a database directory with an approximate index "
-                "(add one with 'ratta db index --db DIR --index SPEC')"
-            )
-        for name, dim in (("features", reader.dim), ("database", header.dim)):
-            if dim != txt.dim:
-                path = features if name == "features" else db
-                raise RattaInputError(
-                    f"{path}: {name} embeddings have dimension {dim} but the text file "
-                    f"{text} has {txt.dim}"
-                )
-        database, sq_norms, index = load_for_search(
-            db, dtype=work, device=dev, with_index=search == "index"
-        )
-        if search == "exact":
-            retriever: ExactRetriever | FaissRetriever = ExactRetriever(database, sq_norms)
-        elif search == "faiss":
-            retriever = FaissRetriever.flat(database)
-        else:
-            retriever = FaissRetriever(index, database)
-        classifier = txt.classifier.to(device=dev, dtype=work)
-        desc = txt.desc.to(device=dev, dtype=work)
-        desc_class = txt.desc_class.to(dev)
-
-    parts: dict[str, list[Tensor]] = defaultdict(list)
+        inp = _open_inputs(features, text, db, search, views)
+    txt, reader = inp.txt, inp.reader
     n = reader.num_images
-    starts = range(0, n, batch_size)
-    bar = tqdm(starts, desc="adapt", unit="batch", disable=not progress, leave=False)
-    with torch.inference_mode():
-        for start in bar:
-            with timer("read"):
-                x = reader.batch(start, min(n, start + batch_size), views)
-                x = x.to(device=dev, dtype=work)
-            result: BatchResult = ratta_batch(
-                x, classifier, desc, desc_class, txt.logit_scale, retriever, config, timer
-            )
-            for key in OUTPUT_KEYS:
-                parts[key].append(getattr(result, key).cpu())
-    bar.close()
-    reader.warn_renormalised()
-    outputs = {key: torch.cat(parts[key]) for key in OUTPUT_KEYS}
+    spans = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
+    shards: dict[str, Any] | None = None
+    if backend is not None:
+        outputs, shards = _adapt_on_ray(
+            inp, spans, out_path, config, dtype, search, batch_size, backend, timer, progress
+        )
+        database_rows, desc_rows = inspect_database(db).count, int(txt.desc.shape[0])
+    else:
+        with timer("load"):
+            loaded = _load_search(inp, dev, work, search)
+        database_rows, desc_rows = loaded.retriever.size, int(loaded.desc.shape[0])
+        parts: dict[str, list[Tensor]] = defaultdict(list)
+        bar = tqdm(spans, desc="adapt", unit="batch", disable=not progress, leave=False)
+        with torch.inference_mode():
+            for span in bar:
+                result = _adapt_range(inp, loaded, span, config, work, timer)
+                for key in OUTPUT_KEYS:
+                    parts[key].append(result[key])
+        bar.close()
+        reader.warn_renormalised()
+        outputs = {key: torch.cat(parts[key]) for key in OUTPUT_KEYS}
     for key in OUTPUT_KEYS:
         if outputs[key].is_floating_point():
             outputs[key] = outputs[key].float()
@@ -178,8 +302,8 @@ def adapt(
             "images": n,
             "views": reader.num_views if views is None else views,
             "classes": txt.num_classes,
-            "descriptions": int(desc.shape[0]),
-            "database": retriever.size,
+            "descriptions": desc_rows,
+            "database": database_rows,
             "adapted": int((n_cand > 0).sum()),
             "fallback": int((n_cand == 0).sum()),
             "mean_candidates": float(n_cand.float().mean()),
@@ -192,8 +316,11 @@ def adapt(
             "batch_size": batch_size,
             "search": search,
             "threads": torch.get_num_threads(),
+            "backend": backend.to_dict() if backend is not None else {"name": "local"},
         },
     }
+    if shards is not None:
+        summary["shards"] = shards
     tensors = dict(outputs)
     if reader.labels is not None:
         labels = reader.labels
@@ -223,4 +350,68 @@ def adapt(
     summary["ms_per_image"] = round(1000.0 * total / n, 3)
     summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     write_json(Path(f"{out_path}.json"), summary)
+    if backend is not None:
+        shutil.rmtree(Path(f"{out_path}.parts"), ignore_errors=True)
     return summary
+
+
+def _adapt_on_ray(
+    inp: _Inputs,
+    spans: list[tuple[int, int]],
+    out_path: Path,
+    config: RATTAConfig,
+    dtype: str,
+    search: str,
+    batch_size: int,
+    backend: RayBackend,
+    timer: StageTimer,
+    progress: bool,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Adapt ``spans`` on Ray workers; outputs concatenated in order, and the shard report.
+
+    Workers' stage times are added to ``timer`` (so they sum over workers).
+    """
+    from ratta.distributed import run_shards
+
+    identity = {
+        "ratta_version": __version__,
+        "inputs": [file_stamp(p) for p in (inp.features, inp.text, inp.db)],
+        "config": config.to_dict(),
+        "dtype": dtype,
+        "search": search,
+        "views": inp.views,
+        "batch_size": batch_size,
+    }
+    store = ShardStore(Path(f"{out_path}.parts"), identity, "adaptation", prefix="batch")
+    todo = store.todo(len(spans))
+    job = RangeAdapter(
+        inp.features, inp.text, inp.db, config, dtype=dtype, search=search, views=inp.views
+    )
+
+    def save(i: int, result: dict[str, Any]) -> None:
+        store.save(i, result["outputs"], {"renormalised": result["renormalised"]})
+        for stage, seconds in result["timings"].items():
+            timer.seconds[stage] += seconds
+
+    report = run_shards(
+        job,
+        [(i, spans[i]) for i in todo],
+        save,
+        backend,
+        total=len(spans),
+        sizes=[spans[i][1] - spans[i][0] for i in todo],
+        progress=progress,
+        desc="adapt",
+        unit="image",
+    )
+    report.raise_if_failed(store.folder)
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    with timer("read"):
+        for i in range(len(spans)):
+            tensors, meta = store.load(i)
+            for key in OUTPUT_KEYS:
+                parts[key].append(tensors[key])
+            for key, count in meta["renormalised"].items():
+                inp.reader.renormalised[key] += count
+    inp.reader.warn_renormalised()
+    return {key: torch.cat(parts[key]) for key in OUTPUT_KEYS}, report.to_dict()

@@ -15,10 +15,12 @@ from ratta.config import RATTAConfig
 from ratta.datasets.cli import add_parser as _add_datasets
 from ratta.db.cli import add_parser as _add_db
 from ratta.describe import add_parser as _add_describe
+from ratta.distributed import BACKENDS
 from ratta.errors import RattaInputError
 from ratta.files import write_text_atomic
 
 EXIT_USAGE = 2
+DECODE_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def _add_adapt(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +49,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
         "directory's approximate index",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    backend_args(p, workers=True)
     p.set_defaults(func=_run_adapt)
 
 
@@ -100,17 +103,26 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _extract_args(p: argparse.ArgumentParser) -> None:
+def _extract_args(p: argparse.ArgumentParser, ray: bool = False) -> None:
     p.add_argument("--views", type=int, default=100, help="random views V (%(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the views (%(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="test images per batch")
     p.add_argument("--forward-batch", type=int, default=256, help="crops per model forward")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="image decoding/augmentation workers (%(default)s)",
-    )
+    if ray:
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help=f"image decoding/augmentation workers (default {DECODE_WORKERS}); with "
+            "--backend ray: Ray workers, one model each (default 1)",
+        )
+    else:
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=DECODE_WORKERS,
+            help="image decoding/augmentation workers (%(default)s)",
+        )
     p.add_argument(
         "--feature-dtype",
         default="float16",
@@ -119,13 +131,95 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def backend_args(p: argparse.ArgumentParser, workers: bool = False) -> None:
+    """``--backend`` and the Ray flags; ``workers``: also add ``--workers`` (Ray workers)."""
+    g = p.add_argument_group("scale-out on Ray (docs/ray.md)")
+    g.add_argument(
+        "--backend",
+        default="local",
+        choices=BACKENDS,
+        help="local: this process (default); ray: shards of the work on Ray workers",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="auto (this machine's cluster), HOST:PORT of a head node or ray://HOST:PORT; "
+        "default: $RAY_ADDRESS, else a Ray instance started on this machine",
+    )
+    g.add_argument(
+        "--num-gpus-per-worker",
+        type=float,
+        default=0.0,
+        help="GPUs reserved per Ray worker; > 0 runs the workers on CUDA (%(default)s)",
+    )
+    g.add_argument(
+        "--num-cpus-per-worker",
+        type=float,
+        default=1.0,
+        help="CPUs reserved per Ray worker: its torch threads, and for images its "
+        "decoding processes + 1 (%(default)s)",
+    )
+    g.add_argument(
+        "--max-retries",
+        type=int,
+        default=3,
+        help="retries of a shard whose Ray worker died or failed (%(default)s)",
+    )
+    if workers:
+        g.add_argument(
+            "--workers", type=int, default=None, help="Ray workers with --backend ray (default 1)"
+        )
+
+
+def ray_backend(args: argparse.Namespace, local_workers: bool = False) -> Any:
+    """The ``RayBackend`` of the flags, or None for ``--backend local``.
+
+    ``local_workers``: ``--workers`` also means something locally (decoding processes).
+    """
+    from ratta.distributed import RayBackend, connect
+
+    if args.backend == "ray":
+        backend = RayBackend(
+            address=args.ray_address,
+            workers=1 if args.workers is None else args.workers,
+            num_cpus_per_worker=args.num_cpus_per_worker,
+            num_gpus_per_worker=args.num_gpus_per_worker,
+            max_retries=args.max_retries,
+        )
+        connect(backend)  # a missing Ray or a wrong address fails before any work
+        return backend
+    defaults = RayBackend()
+    for flag, value, default in (
+        ("--ray-address", args.ray_address, None),
+        ("--num-gpus-per-worker", args.num_gpus_per_worker, defaults.num_gpus_per_worker),
+        ("--num-cpus-per-worker", args.num_cpus_per_worker, defaults.num_cpus_per_worker),
+        ("--max-retries", args.max_retries, defaults.max_retries),
+        ("--workers", None if local_workers else args.workers, None),
+    ):
+        if value != default:
+            raise RattaInputError(f"{flag} applies to --backend ray (add --backend ray)")
+    return None
+
+
+def decode_workers(args: argparse.Namespace, backend: Any) -> int:
+    """Image decoding processes: ``--workers`` locally, CPUs per worker - 1 on Ray."""
+    if backend is not None:
+        return max(0, int(backend.num_cpus_per_worker) - 1)
+    return DECODE_WORKERS if args.workers is None else int(args.workers)
+
+
+def print_shards(summary: dict[str, Any]) -> None:
+    if "shards" in summary:
+        print(f"shards: {summary['shards']['summary']}")
+
+
 def _pipeline_args(p: argparse.ArgumentParser, workers: bool = True) -> None:
     """Options of the commands that chain stages through the cache (run, eval, sweep)."""
     if workers:
         p.add_argument(
             "--workers",
             type=int,
-            default=min(4, os.cpu_count() or 1),
+            default=DECODE_WORKERS,
             help="image decoding/augmentation workers (%(default)s)",
         )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (%(default)s)")
@@ -159,23 +253,37 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     )
     _dataset_args(p)
     _backbone_args(p)
-    _extract_args(p)
-    p.add_argument("--chunk-size", type=int, default=256, help="images per resumable chunk")
+    _extract_args(p, ray=True)
+    p.add_argument(
+        "--chunk-size", type=int, default=256, help="images per resumable chunk (a Ray shard)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="features .safetensors (summary at OUT.json)")
     p.add_argument("--quiet", action="store_true")
+    backend_args(p)
     p.set_defaults(func=_run_extract)
 
 
-def _run_extract(args: argparse.Namespace) -> int:
+def model_device(args: argparse.Namespace, backend: Any) -> str:
+    """Where the driver loads the model: ``--device`` locally; on Ray the CPU, since the
+    workers get their copy on their own device (the driver may have no GPU)."""
     from ratta.adapt import resolve_device
+
+    if backend is None:
+        return str(resolve_device(args.device))
+    backend.check_device(args.device)
+    return "cpu"
+
+
+def _run_extract(args: argparse.Namespace) -> int:
     from ratta.backbones import load_backbone
     from ratta.datasets import load_split
     from ratta.extract import ExtractSettings, extract_features
 
     settings = ExtractSettings(views=args.views, seed=args.seed, dtype=args.feature_dtype)
+    backend = ray_backend(args, local_workers=True)
     split = load_split(args.dataset, args.data_root, csv_classes=args.class_names)
-    backbone = load_backbone(_spec(args), resolve_device(args.device))
+    backbone = load_backbone(_spec(args), model_device(args, backend))
     summary = extract_features(
         [p for p, _ in split.items],
         [y for _, y in split.items],
@@ -184,10 +292,11 @@ def _run_extract(args: argparse.Namespace) -> int:
         settings,
         batch_size=args.batch_size,
         forward_batch=args.forward_batch,
-        workers=args.workers,
+        workers=decode_workers(args, backend),
         chunk_size=args.chunk_size,
         metadata={"dataset": args.dataset, "split": split.fingerprint()},
         progress=not args.quiet,
+        backend=backend,
     )
     print(
         f"{summary['images']} images x (1 + {summary['views']}) crops, "
@@ -195,6 +304,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     )
     for item in summary["skipped_images"][:10]:
         print(f"  skipped {item['path']}: {item['error']}")
+    print_shards(summary)
     return 0
 
 
@@ -507,8 +617,10 @@ def _run_adapt(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         search=args.search,
         progress=not args.quiet,
+        backend=ray_backend(args),
     )
     print(format_results(summary))
+    print_shards(summary)
     print(f"wrote {args.out} and {args.out}.json")
     return 0
 

@@ -4,18 +4,22 @@ Images are decoded and augmented by DataLoader workers (uint8 crops), encoded in
 the model's device, and written in chunks of ``chunk_size`` images to ``<out>.parts/`` with
 atomic renames. A rerun after a crash or kill continues with the missing chunks; the final
 file is assembled by streaming the chunks, so memory is bounded by the chunk size.
+
+The chunk is also the shard of a Ray run (``backend=RayBackend(...)``): Ray workers encode
+chunks with :func:`encode_chunks`, the function the local loop uses, and the driver writes
+them, so the chunk files, and the features file, are the same bytes on either backend.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -26,6 +30,7 @@ from tqdm import tqdm
 
 from ratta import __version__
 from ratta.backbones import Backbone, Preprocessing
+from ratta.distributed import ShardReport, ShardStore
 from ratta.errors import RattaInputError
 from ratta.files import (
     SafetensorsStreamWriter,
@@ -36,6 +41,9 @@ from ratta.files import (
 )
 from ratta.resources import peak_rss_mb
 from ratta.views import crops, normalise
+
+if TYPE_CHECKING:
+    from ratta.distributed import RayBackend
 
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -56,51 +64,177 @@ class ExtractSettings:
 
 
 class ImageCrops(Dataset):
-    """Item i: the uint8 crops [1 + V, 3, S, S] of test image i, or the reason it failed."""
+    """Item j: the uint8 crops [1 + V, 3, S, S] of image ``items[j]``, or why it failed.
 
-    def __init__(self, paths: Sequence[Path], pre: Preprocessing, views: int, seed: int) -> None:
-        self.paths = list(paths)
+    ``items`` holds (index in the split, path, chunk) triples: the index seeds the views.
+    """
+
+    def __init__(
+        self, items: Sequence[tuple[int, Any, int]], pre: Preprocessing, views: int, seed: int
+    ) -> None:
+        self.items = list(items)
         self.pre = pre
         self.views = views
         self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        index, path, chunk = self.items[j]
+        item = {"index": index, "chunk": chunk, "path": str(path), "pixels": None, "error": None}
         try:
-            with Image.open(self.paths[index]) as im:
+            with Image.open(path) as im:
                 img = im.convert("RGB")
         except Exception as exc:  # any decoder failure: the image is skipped and listed
-            return {"index": index, "pixels": None, "error": f"{type(exc).__name__}: {exc}"}
-        return {
-            "index": index,
-            "pixels": crops(img, self.pre, self.views, self.seed, index),
-            "error": None,
-        }
+            item["error"] = f"{type(exc).__name__}: {exc}"
+            return item
+        item["pixels"] = crops(img, self.pre, self.views, self.seed, index)
+        return item
 
 
 def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-class _ChunkBuffer:
-    """Collects encoded images of one chunk (index range) until it is complete."""
+@dataclass(frozen=True)
+class Chunk:
+    """A shard of an extraction: chunk ``k``, the images ``start .. start + len(paths) - 1``."""
 
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
+    k: int
+    start: int
+    paths: Sequence[Any]
+
+
+@dataclass
+class EncodedChunk:
+    """The encoded readable images of a chunk, in split order, and the unreadable ones.
+
+    ``features`` is [n, 1 + V, d] in the stored dtype (center crop first).
+    """
+
+    index: Tensor
+    features: Tensor
+    failures: list[dict[str, Any]]
+    encode_s: float
+
+
+class _ChunkBuffer:
+    """Collects the encoded images of one chunk until all of its images have been seen."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
         self.seen = 0
         self.rows: list[tuple[int, Tensor]] = []
         self.pending: list[tuple[int, Tensor]] = []
         self.failures: list[dict[str, Any]] = []
+        self.encode_s = 0.0
 
     @property
     def complete(self) -> bool:
-        return self.seen == self.stop - self.start
+        return self.seen == self.size
+
+    def result(self) -> EncodedChunk:
+        index = torch.tensor([i for i, _ in self.rows], dtype=torch.int64)
+        feats = torch.stack([f for _, f in self.rows]) if self.rows else torch.empty(0, 0, 0)
+        return EncodedChunk(index, feats, self.failures, self.encode_s)
 
 
-def _chunk_path(parts: Path, k: int) -> Path:
-    return parts / f"chunk-{k:06d}.safetensors"
+def encode_chunks(
+    chunks: Sequence[Chunk],
+    backbone: Backbone,
+    settings: ExtractSettings,
+    *,
+    batch_size: int,
+    forward_batch: int,
+    workers: int,
+    progress: bool = False,
+) -> Iterator[tuple[int, EncodedChunk]]:
+    """Encode the images of ``chunks`` through one DataLoader; yield each chunk when complete.
+
+    Images are encoded in fixed groups of consecutive readable images of one chunk, so
+    every forward pass sees the same inputs whatever the batch size, the workers, the
+    chunks encoded together (one, as on a Ray worker, or all, as locally) or resumes: the
+    chunk, and so the file, is bitwise reproducible.
+    """
+    group = max(1, forward_batch // (1 + settings.views))
+    items = [(c.start + j, p, c.k) for c in chunks for j, p in enumerate(c.paths)]
+    sizes = {c.k: len(c.paths) for c in chunks}
+    loader = DataLoader(
+        ImageCrops(items, backbone.preprocessing, settings.views, settings.seed),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=backbone.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+    out_dtype = FEATURE_DTYPES[settings.dtype]
+    buffers: dict[int, _ChunkBuffer] = {}
+    with tqdm(
+        total=len(items), desc="extract", unit="img", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for batch in loader:
+            for item in batch:
+                k = item["chunk"]
+                buf = buffers.setdefault(k, _ChunkBuffer(sizes[k]))
+                buf.seen += 1
+                if item["pixels"] is None:
+                    buf.failures.append(
+                        {"index": item["index"], "path": item["path"], "error": item["error"]}
+                    )
+                else:
+                    buf.pending.append((item["index"], item["pixels"]))
+                if len(buf.pending) == group or (buf.complete and buf.pending):
+                    t0 = time.perf_counter()
+                    pixels = torch.cat([px for _, px in buf.pending])
+                    feats = _encode(backbone, pixels, forward_batch).to(out_dtype)
+                    feats = feats.view(len(buf.pending), 1 + settings.views, -1)
+                    buf.rows.extend(zip([i for i, _ in buf.pending], feats, strict=True))
+                    buf.pending = []
+                    buf.encode_s += time.perf_counter() - t0
+                if buf.complete:
+                    yield k, buffers.pop(k).result()
+            bar.update(len(batch))
+
+
+class ChunkEncoder:
+    """The extraction job of a Ray worker: one model, loaded once, encodes a chunk per call.
+
+    The model travels with the job (on CPU, without its tokenizer), so workers need neither
+    the checkpoint file nor network access to the weights; the images must be readable at
+    the same paths on every node. A worker's DataLoader lives for one chunk, so it loads
+    one image per batch: encoding starts as soon as the first image is decoded.
+    """
+
+    def __init__(
+        self, backbone: Backbone, settings: ExtractSettings, *, forward_batch: int, workers: int
+    ) -> None:
+        model = backbone.model
+        if backbone.device.type != "cpu":
+            model = copy.deepcopy(model).cpu()
+        self.backbone = replace(backbone, model=model, tokenizer=None, device=torch.device("cpu"))
+        self.settings = settings
+        self.forward_batch, self.workers = forward_batch, workers
+        self.imports = (type(model).__module__,)
+
+    def setup(self, device: str) -> None:
+        from ratta.adapt import resolve_device
+
+        dev = resolve_device(device)
+        self.backbone.model.to(dev)
+        self.backbone = replace(self.backbone, device=dev)
+
+    def __call__(self, chunk: Chunk) -> EncodedChunk:
+        ((_, encoded),) = encode_chunks(
+            [chunk],
+            self.backbone,
+            self.settings,
+            batch_size=1,
+            forward_batch=self.forward_batch,
+            workers=self.workers,
+        )
+        return encoded
 
 
 def extract_features(
@@ -116,6 +250,7 @@ def extract_features(
     chunk_size: int = 256,
     metadata: dict[str, Any] | None = None,
     progress: bool = False,
+    backend: RayBackend | None = None,
 ) -> dict[str, Any]:
     """Encode every image and its views into the features file ``out`` (+ ``out.json``).
 
@@ -124,14 +259,20 @@ def extract_features(
             object PIL opens (e.g. a tar member) whose ``str()`` names it stably.
         settings: views V, seed and stored dtype; with the backbone and the images they
             identify the output, and a resumed run must use the same.
-        batch_size: test images per DataLoader batch (does not change the output).
+        batch_size: test images per DataLoader batch (does not change the output; Ray
+            workers load one image per batch).
         forward_batch: crops per model forward: whole images, at least one, are encoded
             together; part of the output's identity with ``chunk_size`` (float rounding).
-        workers: DataLoader worker processes decoding and augmenting (0: in-process).
-        chunk_size: images per resumable chunk.
+        workers: DataLoader worker processes decoding and augmenting (0: in-process); on
+            Ray, per Ray worker.
+        chunk_size: images per resumable chunk (the shard of a Ray run).
         metadata: JSON-able description stored in the file and summary (dataset, split).
+        backend: ``None`` to encode here, or a :class:`RayBackend`: chunks are encoded by
+            Ray workers (each with its own copy of ``backbone``, on ``backend.device``) and
+            written here, byte for byte as a local run writes them.
 
-    Unreadable images are skipped and listed in the summary (``skipped``).
+    Unreadable images are skipped and listed in the summary (``skipped``). The summary's
+    ``shards`` says how many chunks were encoded, skipped (finished earlier), retried.
     """
     settings = settings or ExtractSettings()
     for name, value in (
@@ -147,7 +288,6 @@ def extract_features(
         raise RattaInputError("the split has no images")
     out_path = check_output_path(out)
     n = len(paths)
-    pre = backbone.preprocessing
     identity = {
         "ratta_version": __version__,
         "backbone": backbone.fingerprint,
@@ -160,84 +300,67 @@ def extract_features(
         "source": metadata or {},
         "paths_labels": _digest(paths, labels),
     }
-    parts = Path(f"{out_path}.parts")
-    parts.mkdir(exist_ok=True)
-    ident_file = parts / "settings.json"
-    if ident_file.exists():
-        if json.loads(ident_file.read_text()) != json.loads(json.dumps(identity)):
-            raise RattaInputError(
-                f"{parts}: an unfinished extraction with other settings is there; rerun with "
-                "the same settings to resume it, or delete the folder"
-            )
-    else:
-        write_json(ident_file, identity)
-
-    # Images are encoded in fixed groups of consecutive readable images of one chunk, so
-    # every forward pass sees the same inputs whatever the batch size, workers or resumes:
-    # the file is bitwise reproducible.
-    group = max(1, forward_batch // (1 + settings.views))
+    store = ShardStore(Path(f"{out_path}.parts"), identity, "extraction")
     num_chunks = (n + chunk_size - 1) // chunk_size
-    todo_chunks = [k for k in range(num_chunks) if not _chunk_path(parts, k).exists()]
-    todo = [i for k in todo_chunks for i in range(k * chunk_size, min(n, (k + 1) * chunk_size))]
+    todo = [
+        Chunk(k, k * chunk_size, paths[k * chunk_size : (k + 1) * chunk_size])
+        for k in store.todo(num_chunks)
+    ]
     started = time.perf_counter()
     encode_s = 0.0
-    if todo:
-        dataset = ImageCrops(paths, pre, settings.views, settings.seed)
-        loader = DataLoader(
-            torch.utils.data.Subset(dataset, todo),
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=_collate,
-            pin_memory=backbone.device.type == "cuda",
-            persistent_workers=False,
-            prefetch_factor=4 if workers else None,
-        )
-        out_dtype = FEATURE_DTYPES[settings.dtype]
-        bar = tqdm(
-            total=len(todo), desc="extract", unit="img", disable=not progress, dynamic_ncols=True
-        )
-        chunks: dict[int, _ChunkBuffer] = {}
-        for batch in loader:
-            for item in batch:
-                k = item["index"] // chunk_size
-                buf = chunks.setdefault(
-                    k, _ChunkBuffer(k * chunk_size, min(n, (k + 1) * chunk_size))
-                )
-                buf.seen += 1
-                if item["pixels"] is None:
-                    buf.failures.append(
-                        {
-                            "index": item["index"],
-                            "path": str(paths[item["index"]]),
-                            "error": item["error"],
-                        }
-                    )
-                else:
-                    buf.pending.append((item["index"], item["pixels"]))
-                if len(buf.pending) == group or (buf.complete and buf.pending):
-                    t0 = time.perf_counter()
-                    pixels = torch.cat([px for _, px in buf.pending])
-                    feats = _encode(backbone, pixels, forward_batch).to(out_dtype)
-                    feats = feats.view(len(buf.pending), 1 + settings.views, -1)
-                    buf.rows.extend(zip([i for i, _ in buf.pending], feats, strict=True))
-                    buf.pending = []
-                    encode_s += time.perf_counter() - t0
-                if buf.complete:
-                    _write_chunk(_chunk_path(parts, k), chunks.pop(k), labels)
-            bar.update(len(batch))
-        bar.close()
 
-    summary = _assemble(parts, num_chunks, out_path, settings, identity, labels is not None)
+    def write(k: int, encoded: EncodedChunk) -> None:
+        nonlocal encode_s
+        _write_chunk(store.path(k), encoded, labels)
+        encode_s += encoded.encode_s
+
+    if backend is None:
+        report = ShardReport("local", num_chunks, skipped=num_chunks - len(todo), unit="image")
+        for k, encoded in encode_chunks(
+            todo,
+            backbone,
+            settings,
+            batch_size=batch_size,
+            forward_batch=forward_batch,
+            workers=workers,
+            progress=progress,
+        ):
+            write(k, encoded)
+            report.done.append(k)
+        report.items = sum(len(c.paths) for c in todo)
+        report.seconds = time.perf_counter() - started
+    elif todo:
+        from ratta.distributed import run_shards
+
+        job = ChunkEncoder(backbone, settings, forward_batch=forward_batch, workers=workers)
+        report = run_shards(
+            job,
+            [(c.k, c) for c in todo],
+            write,
+            backend,
+            total=num_chunks,
+            sizes=[len(c.paths) for c in todo],
+            progress=progress,
+            desc="extract",
+            unit="image",
+        )
+        report.raise_if_failed(store.folder)
+    else:
+        report = ShardReport("ray", num_chunks, skipped=num_chunks, workers=backend.workers)
+
+    summary = _assemble(store, num_chunks, out_path, settings, identity, labels is not None)
     summary["timings_s"] = {
         "total": round(time.perf_counter() - started, 3),
         "encode": round(encode_s, 3),
     }
-    summary["resumed_chunks"] = num_chunks - len(todo_chunks)
+    summary["resumed_chunks"] = num_chunks - len(todo)
+    summary["shards"] = report.to_dict()
     summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if todo:
-        summary["images_per_s"] = round(len(todo) / max(1e-9, time.perf_counter() - started), 3)
+        images = sum(len(c.paths) for c in todo)
+        summary["images_per_s"] = round(images / max(1e-9, time.perf_counter() - started), 3)
     write_json(Path(f"{out_path}.json"), summary)
-    shutil.rmtree(parts, ignore_errors=True)
+    store.remove()
     return summary
 
 
@@ -259,18 +382,17 @@ def _encode(backbone: Backbone, pixels: Tensor, forward_batch: int) -> Tensor:
     return torch.cat(out)
 
 
-def _write_chunk(path: Path, buf: _ChunkBuffer, labels: Sequence[int] | None) -> None:
-    buf.rows.sort(key=lambda r: r[0])
-    index = torch.tensor([i for i, _ in buf.rows], dtype=torch.int64)
-    feats = torch.stack([f for _, f in buf.rows]) if buf.rows else torch.empty(0, 0, 0)
-    tensors = {"index": index, "image": feats[:, 0], "views": feats[:, 1:]}
+def _write_chunk(path: Path, chunk: EncodedChunk, labels: Sequence[int] | None) -> None:
+    tensors = {"index": chunk.index, "image": chunk.features[:, 0], "views": chunk.features[:, 1:]}
     if labels is not None:
-        tensors["labels"] = torch.tensor([labels[i] for i in index.tolist()], dtype=torch.int64)
-    save_safetensors(path, tensors, {"failures": json.dumps(buf.failures)})
+        tensors["labels"] = torch.tensor(
+            [labels[i] for i in chunk.index.tolist()], dtype=torch.int64
+        )
+    save_safetensors(path, tensors, {"failures": json.dumps(chunk.failures)})
 
 
 def _assemble(
-    parts: Path,
+    store: ShardStore,
     num_chunks: int,
     out: Path,
     settings: ExtractSettings,
@@ -278,7 +400,7 @@ def _assemble(
     has_labels: bool,
 ) -> dict[str, Any]:
     """Stream the chunks, in order, into the final features file."""
-    handles = [safe_open(str(_chunk_path(parts, k)), framework="pt") for k in range(num_chunks)]
+    handles = [safe_open(str(store.path(k)), framework="pt") for k in range(num_chunks)]
     failures: list[dict[str, Any]] = []
     sizes, dim = [], 0
     for h in handles:

@@ -12,7 +12,7 @@ corrupt files), then streamed into shards with their metadata:
   its ``.txt`` member; ``id`` is the key.
 
 Work happens in ``<out>.build/``; rerunning a killed build with the same settings resumes
-from the finished chunks.
+from the finished chunks, on either backend (the chunks are the shards of a Ray build).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors import safe_open
@@ -37,6 +37,9 @@ from ratta.db.writer import SHARD_ROWS, DatabaseWriter, check_new_dir
 from ratta.errors import RattaInputError
 from ratta.extract import ExtractSettings, extract_features
 from ratta.files import write_json
+
+if TYPE_CHECKING:
+    from ratta.distributed import RayBackend
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSION = "txt"
@@ -196,11 +199,15 @@ def build_database(
     shard_rows: int = SHARD_ROWS,
     index: IndexSettings | None = None,
     progress: bool = False,
+    backend: RayBackend | None = None,
 ) -> tuple[Manifest, dict[str, Any]]:
     """Encode the center crops of every image of ``sources`` into the database ``out``.
 
     Returns the manifest and the extraction summary (``skipped_images``: corrupt or
-    unreadable files, which are left out and counted).
+    unreadable files, which are left out and counted; ``shards``: chunks encoded,
+    skipped, retried). With ``backend=RayBackend(...)`` the chunks of ``chunk_size``
+    images are encoded by Ray workers (see :func:`ratta.extract.extract_features`); the
+    database is the same, byte for byte.
     """
     out = check_new_dir(out)
     items = list_images(sources)
@@ -236,6 +243,7 @@ def build_database(
             chunk_size=chunk_size,
             metadata={"db_build": identity["sources"]},
             progress=progress,
+            backend=backend,
         )
     summary = json.loads(Path(f"{features}.json").read_text())
     manifest = _write(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -216,12 +215,12 @@ def _run_import(args: argparse.Namespace) -> int:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from ratta.adapt import resolve_device
     from ratta.backbones import load_backbone
-    from ratta.cli import _spec
+    from ratta.cli import _spec, decode_workers, model_device, print_shards, ray_backend
     from ratta.db.build import build_database
 
-    backbone = load_backbone(_spec(args), resolve_device(args.device))
+    backend = ray_backend(args, local_workers=True)
+    backbone = load_backbone(_spec(args), model_device(args, backend))
     manifest, summary = build_database(
         args.images,
         backbone,
@@ -229,11 +228,12 @@ def _run_build(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_size=args.batch_size,
         forward_batch=args.forward_batch,
-        workers=args.workers,
+        workers=decode_workers(args, backend),
         chunk_size=args.chunk_size,
         shard_rows=args.shard_rows,
         index=_index_settings(args),
         progress=not args.quiet,
+        backend=backend,
     )
     print(
         f"{summary['images']:,} images encoded, "
@@ -241,6 +241,7 @@ def _run_build(args: argparse.Namespace) -> int:
     )
     for item in summary["skipped_images"][:10]:
         print(f"  skipped {item['path']}: {item['error']}")
+    print_shards(summary)
     _print_written(manifest, args.out)
     return 0
 
@@ -271,8 +272,10 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 
 
 def _run_select(args: argparse.Namespace) -> int:
+    from ratta.cli import ray_backend
     from ratta.db.select import read_synonyms, select_by_caption, select_by_knn
 
+    backend = ray_backend(args)
     names = _class_names(args)
     index = _index_settings(args)
     if args.by == "caption":
@@ -284,6 +287,7 @@ def _run_select(args: argparse.Namespace) -> int:
             synonyms=synonyms,
             index=index,
             progress=not args.quiet,
+            backend=backend,
         )
     else:
         if not args.text:
@@ -309,6 +313,7 @@ def _run_select(args: argparse.Namespace) -> int:
             query_kind=args.queries_from,
             index=index,
             progress=not args.quiet,
+            backend=backend,
         )
     sel = manifest.provenance["selection"]
     print(
@@ -392,7 +397,7 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ratta.cli import _backbone_args
+    from ratta.cli import DECODE_WORKERS, _backbone_args, backend_args
 
     p = sub.add_parser(
         "db",
@@ -450,13 +455,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--workers",
         type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="decoding workers (%(default)s)",
+        default=None,
+        help=f"decoding workers (default {DECODE_WORKERS}); with --backend ray: Ray workers, "
+        "one model each (default 1)",
     )
-    c.add_argument("--chunk-size", type=int, default=4096, help="images per resumable chunk")
+    c.add_argument(
+        "--chunk-size", type=int, default=4096, help="images per resumable chunk (a Ray shard)"
+    )
     c.add_argument("--shard-rows", type=int, default=1 << 20, help="rows per .npy shard")
     _index_args(c)
     c.add_argument("--quiet", action="store_true")
+    backend_args(c)
     c.set_defaults(func=_run_build)
 
     c = commands.add_parser(
@@ -481,6 +490,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help="new database directory")
     _index_args(c)
     c.add_argument("--quiet", action="store_true")
+    backend_args(c, workers=True)
     c.set_defaults(func=_run_select)
 
     c = commands.add_parser(

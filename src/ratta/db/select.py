@@ -23,22 +23,37 @@ overlapping corpora) or the same (non-empty) ``url``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from torch import Tensor
 from tqdm import tqdm
 
+from ratta import __version__
 from ratta.db.index import IndexSettings, exact_search
-from ratta.db.sources import COLUMNS, Source, SourceShard, common_backbone, open_source
+from ratta.db.sources import (
+    COLUMNS,
+    Source,
+    SourceShard,
+    _clip_files,
+    common_backbone,
+    open_source,
+)
 from ratta.db.store import BLOCK_ROWS, Manifest
 from ratta.db.writer import DatabaseWriter, check_new_dir
+from ratta.distributed import ShardStore, file_stamp
 from ratta.errors import RattaInputError
+
+if TYPE_CHECKING:
+    from ratta.distributed import RayBackend, ShardJob
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 CAPTION_RULE = (
@@ -233,8 +248,14 @@ def select_by_caption(
     backbone: dict[str, Any] | None = None,
     index: IndexSettings | None = None,
     progress: bool = False,
+    backend: RayBackend | None = None,
 ) -> Manifest:
-    """Rows whose caption mentions a class name or synonym (the paper's rule, above)."""
+    """Rows whose caption mentions a class name or synonym (the paper's rule, above).
+
+    With ``backend=RayBackend(...)``, Ray workers match the corpus shards (the costly
+    part: reading and tokenising every caption) and the driver merges their rows in shard
+    order, so the result, deduplication included, is the local one.
+    """
     check_new_dir(out)
     if not class_names:
         raise RattaInputError("no class names to select for")
@@ -250,29 +271,56 @@ def select_by_caption(
     ) as writer:
         sel = _Selection(writer, len(class_names))
         captioned = 0
-        bar = tqdm(
-            total=sum(s.rows for s in sources), desc="select", unit="row", disable=not progress
-        )
-        for source in sources:
-            for shard in source.shards():
-                captions = _captions(shard)
-                captioned += sum(c is not None and c != "" for c in captions)
-                rows, classes = [], []
-                for r, caption in enumerate(captions):
-                    found = matcher.match(caption)
-                    if found:
-                        rows.append(r)
-                        classes.append(list(found))
-                sel.add(shard, np.array(rows, dtype=np.int64), classes)
+        if backend is None:
+            bar = tqdm(
+                total=sum(s.rows for s in sources), desc="select", unit="row", disable=not progress
+            )
+            for source in sources:
+                for shard in source.shards():
+                    rows, classes, found = _match_shard(shard, matcher)
+                    captioned += found
+                    sel.add(shard, rows, classes)
+                    sel.scanned += shard.rows
+                    bar.update(shard.rows)
+            bar.close()
+        else:
+            identity = {"rule": "caption", "phrases": phrases}
+            store = _store(out, sources, identity)
+            job = _CaptionJob([str(s.path) for s in sources], phrases)
+
+            def merge(shard: SourceShard, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+                nonlocal captioned
+                rows, classes = _unpack_classes(tensors)
+                sel.add(shard, rows, classes)
                 sel.scanned += shard.rows
-                bar.update(shard.rows)
-        bar.close()
+                captioned += meta["captioned"]
+
+            _select_on_ray(job, sources, store, merge, backend, progress)
         if not captioned:
             raise RattaInputError(
                 f"--corpus: none of the {sel.scanned} rows has a caption; select with --by knn"
             )
         rule = {"by": "caption", "rule": CAPTION_RULE, "synonyms": _synonym_record(synonyms)}
-        return _finish(sel, sources, class_names, rule, index, progress)
+        manifest = _finish(sel, sources, class_names, rule, index, progress)
+    if backend is not None:
+        store.remove()
+    return manifest
+
+
+def _match_shard(
+    shard: SourceShard, matcher: CaptionMatcher
+) -> tuple[np.ndarray, list[list[int]], int]:
+    """Rows of the shard whose caption mentions a class, their classes, and how many rows
+    have a caption at all."""
+    captions = _captions(shard)
+    rows, classes = [], []
+    for r, caption in enumerate(captions):
+        found = matcher.match(caption)
+        if found:
+            rows.append(r)
+            classes.append(sorted(found))
+    captioned = sum(c is not None and c != "" for c in captions)
+    return np.array(rows, dtype=np.int64), classes, captioned
 
 
 def _captions(shard: SourceShard) -> list[str | None]:
@@ -302,11 +350,14 @@ def select_by_knn(
     backbone: dict[str, Any] | None = None,
     index: IndexSettings | None = None,
     progress: bool = False,
+    backend: RayBackend | None = None,
 ) -> Manifest:
     """The ``k`` rows nearest to each query [Q, d]; a row joins its queries' classes [Q].
 
     Two streaming passes: a running exact top-k over all shards, then the picked rows are
-    copied shard by shard.
+    copied shard by shard. With ``backend=RayBackend(...)`` the first pass is distributed:
+    each Ray worker finds the top-k of one corpus shard, and the driver merges them
+    (nearest first, ties to the lower row id).
     """
     check_new_dir(out)
     if k < 1:
@@ -331,7 +382,26 @@ def select_by_knn(
                 start += shard.rows
         bar.close()
 
-    _, picked = exact_search(blocks(), total, queries, k)
+    if backend is None:
+        _, picked = exact_search(blocks(), total, queries, k)
+    else:
+        identity = {
+            "rule": "knn",
+            "k": k,
+            "queries": hashlib.sha256(np.ascontiguousarray(queries, np.float32)).hexdigest(),
+        }
+        store = _store(out, sources, identity)
+        job = _KnnJob([str(s.path) for s in sources], queries, k)
+        best: tuple[np.ndarray, np.ndarray] | None = None
+
+        def merge(shard: SourceShard, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+            nonlocal best
+            found = (tensors["dist"].numpy(), tensors["ids"].numpy())
+            best = found if best is None else _merge_topk(*best, *found, k)
+
+        _select_on_ray(job, sources, store, merge, backend, progress)
+        assert best is not None  # a corpus has at least one shard
+        picked = best[1]
     owners = np.repeat(query_class.astype(np.int64), picked.shape[1])
     flat = picked.reshape(-1)
     order = np.lexsort((owners, flat))
@@ -354,6 +424,8 @@ def select_by_knn(
                 sel.add(shard, rows[lo:hi] - start, class_sets[lo:hi])
                 start += shard.rows
         sel.scanned = total
+        if backend is not None:
+            store.remove()
         rule = {
             "by": "knn",
             "rule": f"the {k} rows nearest (L2) to each {query_kind} query of a text file",
@@ -362,3 +434,123 @@ def select_by_knn(
             "query_count": int(queries.shape[0]),
         }
         return _finish(sel, sources, class_names, rule, index, progress)
+
+
+# ------------------------------------------------------------------------------ Ray
+
+
+def _store(
+    out: str | os.PathLike[str], sources: Sequence[Source], identity: dict[str, Any]
+) -> ShardStore:
+    """Finished corpus shards of a Ray selection, in ``<out>.parts/``."""
+    corpus = [
+        [file_stamp(f) for f in (_clip_files(s.path) if s.format == "clip-retrieval" else [s.path])]
+        for s in sources
+    ]
+    identity = {"ratta_version": __version__, "corpus": corpus, **identity}
+    return ShardStore(Path(f"{out}.parts"), identity, "selection", prefix="shard")
+
+
+def _select_on_ray(
+    job: ShardJob,
+    sources: Sequence[Source],
+    store: ShardStore,
+    merge: Callable[[SourceShard, dict[str, Tensor], dict[str, Any]], None],
+    backend: RayBackend,
+    progress: bool,
+) -> None:
+    """Run ``job`` on every corpus shard not finished yet, and ``merge`` every shard's
+    result in corpus order, as soon as the ones before it are in."""
+    from ratta.distributed import run_shards
+
+    places = [(s, j, sh.rows) for s, src in enumerate(sources) for j, sh in enumerate(src.shards())]
+    starts = np.concatenate([[0], np.cumsum([rows for _, _, rows in places])]).tolist()
+    shards = (sh for src in sources for sh in src.shards())
+    merged = 0
+
+    def drain() -> None:
+        nonlocal merged
+        while merged < len(places) and store.path(merged).exists():
+            merge(next(shards), *store.load(merged))
+            merged += 1
+
+    def save(i: int, result: tuple[dict[str, Tensor], dict[str, Any]]) -> None:
+        store.save(i, *result)
+        drain()
+
+    todo = store.todo(len(places))
+    report = run_shards(
+        job,
+        [(i, (*places[i][:2], starts[i])) for i in todo],
+        save,
+        backend,
+        total=len(places),
+        sizes=[places[i][2] for i in todo],
+        progress=progress,
+        desc="select",
+        unit="row",
+    )
+    report.raise_if_failed(store.folder)
+    drain()
+
+
+def _nth_shard(source: Source, j: int) -> SourceShard:
+    return next(itertools.islice(source.shards(), j, None))
+
+
+def _unpack_classes(tensors: dict[str, Tensor]) -> tuple[np.ndarray, list[list[int]]]:
+    counts = tensors["class_counts"].numpy()
+    ids = np.split(tensors["class_ids"].numpy(), np.cumsum(counts)[:-1]) if counts.size else []
+    return tensors["rows"].numpy(), [c.tolist() for c in ids]
+
+
+class _CaptionJob:
+    """Ray job: the rows of one corpus shard whose caption mentions a class."""
+
+    def __init__(self, corpus: list[str], phrases: list[list[str]]) -> None:
+        self.corpus, self.phrases = corpus, phrases
+
+    def setup(self, device: str) -> None:
+        self.sources = [open_source(c) for c in self.corpus]
+        self.matcher = CaptionMatcher(self.phrases)
+
+    def __call__(self, where: tuple[int, int, int]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        rows, classes, captioned = _match_shard(
+            _nth_shard(self.sources[where[0]], where[1]), self.matcher
+        )
+        flat = [c for cs in classes for c in cs]
+        tensors = {
+            "rows": torch.from_numpy(rows),
+            "class_ids": torch.tensor(flat, dtype=torch.int32),
+            "class_counts": torch.tensor([len(cs) for cs in classes], dtype=torch.int64),
+        }
+        return tensors, {"captioned": captioned}
+
+
+class _KnnJob:
+    """Ray job: the exact top-k rows of one corpus shard for every query."""
+
+    def __init__(self, corpus: list[str], queries: np.ndarray, k: int) -> None:
+        self.corpus, self.queries, self.k = corpus, queries, k
+
+    def setup(self, device: str) -> None:
+        self.sources = [open_source(c) for c in self.corpus]
+
+    def __call__(self, where: tuple[int, int, int]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        shard = _nth_shard(self.sources[where[0]], where[1])
+        start = where[2]
+        blocks = (
+            (start + s, shard.embeddings[s : s + BLOCK_ROWS])
+            for s in range(0, shard.rows, BLOCK_ROWS)
+        )
+        dist, ids = exact_search(blocks, shard.rows, self.queries, self.k)
+        return {"dist": torch.from_numpy(dist), "ids": torch.from_numpy(ids)}, {}
+
+
+def _merge_topk(
+    d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of two top-k lists [Q, k1], [Q, k2]: nearest first, ties to the lower id."""
+    d, i = np.concatenate([d1, d2], 1), np.concatenate([i1, i2], 1)
+    order = np.lexsort((i, d), axis=1)[:, :k]
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
