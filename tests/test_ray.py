@@ -27,7 +27,7 @@ from ratta.cli import main
 from ratta.db import Database
 from ratta.db.build import build_database
 from ratta.db.select import select_by_caption, select_by_knn
-from ratta.distributed import RayBackend
+from ratta.distributed import RayBackend, run_shards
 from ratta.errors import RattaInputError
 from ratta.extract import ChunkEncoder, ExtractSettings, extract_features
 from ratta.synthetic import SyntheticWorld
@@ -394,6 +394,23 @@ def test_adapt_cli_on_ray_prints_the_shards(world_files, tmp_path: Path, capsys)
 
 
 # ------------------------------------------------------------------------------ errors
+
+
+def test_a_worker_that_cannot_start_stops_the_run_in_one_line() -> None:
+    class Broken:
+        def setup(self, device: str) -> None:
+            raise ValueError("weights missing on this node")
+
+        def __call__(self, shard: int) -> int:
+            return shard
+
+    seen: list[int] = []
+    with pytest.raises(
+        RattaInputError,
+        match=r"^a Ray worker could not start: ValueError: weights missing on this node$",
+    ):
+        run_shards(Broken(), [(0, 0), (1, 1)], lambda k, _: seen.append(k), TWO, total=2)
+    assert seen == []
 
 
 def test_ray_flags_without_the_ray_backend_are_one_line(world_files, tmp_path, capsys) -> None:

@@ -156,8 +156,8 @@ def backend_args(p: argparse.ArgumentParser, workers: bool = False) -> None:
         "--num-cpus-per-worker",
         type=float,
         default=1.0,
-        help="CPUs reserved per Ray worker: its torch threads, and for images its "
-        "decoding processes + 1 (%(default)s)",
+        help="CPUs reserved per Ray worker: its torch threads; a GPU worker decodes "
+        "images in all but one of them (%(default)s)",
     )
     g.add_argument(
         "--max-retries",
@@ -202,9 +202,11 @@ def ray_backend(args: argparse.Namespace, local_workers: bool = False) -> Any:
 
 
 def decode_workers(args: argparse.Namespace, backend: Any) -> int:
-    """Image decoding processes: ``--workers`` locally, CPUs per worker - 1 on Ray."""
+    """Image decoding processes: ``--workers`` locally; per Ray worker, all its CPUs but one
+    on a GPU worker (decoding feeds the GPU) and none on a CPU worker (encoding a crop on
+    the CPU costs ~50x decoding it: its CPUs are better spent as torch threads)."""
     if backend is not None:
-        return max(0, int(backend.num_cpus_per_worker) - 1)
+        return max(0, int(backend.num_cpus_per_worker) - 1) if backend.device == "cuda" else 0
     return DECODE_WORKERS if args.workers is None else int(args.workers)
 
 

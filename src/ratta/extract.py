@@ -149,6 +149,7 @@ def encode_chunks(
     forward_batch: int,
     workers: int,
     progress: bool = False,
+    context: Any = None,
 ) -> Iterator[tuple[int, EncodedChunk]]:
     """Encode the images of ``chunks`` through one DataLoader; yield each chunk when complete.
 
@@ -168,6 +169,7 @@ def encode_chunks(
         pin_memory=backbone.device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        multiprocessing_context=context if workers else None,
     )
     out_dtype = FEATURE_DTYPES[settings.dtype]
     buffers: dict[int, _ChunkBuffer] = {}
@@ -224,6 +226,7 @@ class ChunkEncoder:
         dev = resolve_device(device)
         self.backbone.model.to(dev)
         self.backbone = replace(self.backbone, device=dev)
+        self.context = _decoder_context() if self.workers else None
 
     def __call__(self, chunk: Chunk) -> EncodedChunk:
         ((_, encoded),) = encode_chunks(
@@ -233,8 +236,26 @@ class ChunkEncoder:
             batch_size=1,
             forward_batch=self.forward_batch,
             workers=self.workers,
+            context=self.context,
         )
         return encoded
+
+
+def _decoder_context() -> Any:
+    """Start method of a Ray worker's decoding processes: a fork server that has imported
+    this module, started (and waited for) once per worker.
+
+    Forking the worker itself for every chunk would share its memory copy-on-write with
+    each chunk's decoders, and page-fault a copy of every page the encoding writes.
+    """
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload([__name__])
+    context = multiprocessing.get_context("forkserver")
+    warm = context.Process(target=int)
+    warm.start()
+    warm.join()
+    return context
 
 
 def extract_features(
@@ -346,7 +367,7 @@ def extract_features(
         )
         report.raise_if_failed(store.folder)
     else:
-        report = ShardReport("ray", num_chunks, skipped=num_chunks, workers=backend.workers)
+        report = ShardReport("ray", num_chunks, skipped=num_chunks, workers=0)
 
     summary = _assemble(store, num_chunks, out_path, settings, identity, labels is not None)
     summary["timings_s"] = {
