@@ -342,7 +342,9 @@ def test_select_cli_on_ray(tmp_path: Path, capsys) -> None:
     argv = ["db", "select", "--corpus", str(corpus), "--classes", str(classes), "--by", "caption"]
     assert main([*argv, "--out", str(tmp_path / "local"), "--quiet"]) == 0
     ray_argv = [*argv, "--out", str(tmp_path / "ray"), "--quiet", "--backend", "ray"]
+    capsys.readouterr()
     assert main([*ray_argv, "--workers", "2"]) == 0
+    assert "shards: ray, 2 workers: 2 shards, 2 done" in capsys.readouterr().out
     assert (
         Database(tmp_path / "ray").manifest.shards == Database(tmp_path / "local").manifest.shards
     )

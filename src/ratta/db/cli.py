@@ -272,7 +272,7 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 
 
 def _run_select(args: argparse.Namespace) -> int:
-    from ratta.cli import ray_backend
+    from ratta.cli import print_shards, ray_backend
     from ratta.db.select import read_synonyms, select_by_caption, select_by_knn
 
     backend = ray_backend(args)
@@ -320,6 +320,7 @@ def _run_select(args: argparse.Namespace) -> int:
         f"selected {sel['rows_selected']:,} of {sel['rows_scanned']:,} rows for "
         f"{len(names)} classes (duplicates dropped: {sel['duplicates_dropped']})"
     )
+    print_shards(manifest.provenance)
     low = sorted(sel["counts"].items(), key=lambda kv: kv[1])
     empty = [n for n, c in low if c == 0]
     if empty:

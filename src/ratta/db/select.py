@@ -211,7 +211,9 @@ def _finish(
     rule: dict[str, Any],
     index: IndexSettings | None,
     progress: bool,
+    shards: dict[str, Any] | None = None,
 ) -> Manifest:
+    """Commit the selection; ``shards``: the Ray run's shard report, kept in the provenance."""
     if sel.writer.count == 0:
         raise RattaInputError(
             f"no corpus row was selected for any of the {len(class_names)} classes "
@@ -225,11 +227,13 @@ def _finish(
         "duplicates_dropped": dict(sel.dedupe.dropped),
         "counts": {name: int(n) for name, n in zip(class_names, sel.counts, strict=True)},
     }
-    provenance = {
+    provenance: dict[str, Any] = {
         "operation": "select",
         "sources": [s.provenance() for s in sources],
         "selection": selection,
     }
+    if shards is not None:
+        provenance["shards"] = shards
     return sel.writer.commit(provenance, index, progress=progress)
 
 
@@ -271,6 +275,7 @@ def select_by_caption(
     ) as writer:
         sel = _Selection(writer, len(class_names))
         captioned = 0
+        shards: dict[str, Any] | None = None
         if backend is None:
             bar = tqdm(
                 total=sum(s.rows for s in sources), desc="select", unit="row", disable=not progress
@@ -295,13 +300,13 @@ def select_by_caption(
                 sel.scanned += shard.rows
                 captioned += meta["captioned"]
 
-            _select_on_ray(job, sources, store, merge, backend, progress)
+            shards = _select_on_ray(job, sources, store, merge, backend, progress)
         if not captioned:
             raise RattaInputError(
                 f"--corpus: none of the {sel.scanned} rows has a caption; select with --by knn"
             )
         rule = {"by": "caption", "rule": CAPTION_RULE, "synonyms": _synonym_record(synonyms)}
-        manifest = _finish(sel, sources, class_names, rule, index, progress)
+        manifest = _finish(sel, sources, class_names, rule, index, progress, shards)
     if backend is not None:
         store.remove()
     return manifest
@@ -382,6 +387,7 @@ def select_by_knn(
                 start += shard.rows
         bar.close()
 
+    shards: dict[str, Any] | None = None
     if backend is None:
         _, picked = exact_search(blocks(), total, queries, k)
     else:
@@ -399,7 +405,7 @@ def select_by_knn(
             found = (tensors["dist"].numpy(), tensors["ids"].numpy())
             best = found if best is None else _merge_topk(*best, *found, k)
 
-        _select_on_ray(job, sources, store, merge, backend, progress)
+        shards = _select_on_ray(job, sources, store, merge, backend, progress)
         assert best is not None  # a corpus has at least one shard
         picked = best[1]
     owners = np.repeat(query_class.astype(np.int64), picked.shape[1])
@@ -433,7 +439,7 @@ def select_by_knn(
             "queries": query_kind,
             "query_count": int(queries.shape[0]),
         }
-        return _finish(sel, sources, class_names, rule, index, progress)
+        return _finish(sel, sources, class_names, rule, index, progress, shards)
 
 
 # ------------------------------------------------------------------------------ Ray
@@ -458,9 +464,9 @@ def _select_on_ray(
     merge: Callable[[SourceShard, dict[str, Tensor], dict[str, Any]], None],
     backend: RayBackend,
     progress: bool,
-) -> None:
+) -> dict[str, Any]:
     """Run ``job`` on every corpus shard not finished yet, and ``merge`` every shard's
-    result in corpus order, as soon as the ones before it are in."""
+    result in corpus order, as soon as the ones before it are in; the shard report."""
     from ratta.distributed import run_shards
 
     places = [(s, j, sh.rows) for s, src in enumerate(sources) for j, sh in enumerate(src.shards())]
@@ -492,6 +498,7 @@ def _select_on_ray(
     )
     report.raise_if_failed(store.folder)
     drain()
+    return report.to_dict()
 
 
 def _nth_shard(source: Source, j: int) -> SourceShard:
