@@ -8,6 +8,8 @@ N generated JPEG test images (500 x 375, like typical photos) with V random view
   chunked writing, final assembly).
 Target: extraction <= 1.15x forward-only. Peak memory: the RSS of whole extraction processes
 (a small model, so that memory is not the model's) for two dataset sizes at one chunk size.
+Like ``ratta extract``, the runs keep freed memory for reuse (``keep_freed_memory``);
+``--glibc-default`` measures glibc's default allocator policy instead.
 
 Usage: python benchmarks/bench_extract.py [--images 6 --views 100 --device cpu --workers 2]
 """
@@ -29,6 +31,7 @@ from PIL import Image
 
 from ratta.backbones import BackboneSpec, load_backbone
 from ratta.extract import ExtractSettings, extract_features
+from ratta.resources import keep_freed_memory
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
@@ -72,6 +75,9 @@ import sys
 from pathlib import Path
 from ratta.backbones import BackboneSpec, load_backbone
 from ratta.extract import ExtractSettings, extract_features
+from ratta.resources import keep_freed_memory
+if sys.argv[5] == "keep":
+    keep_freed_memory()
 paths = sorted(Path(sys.argv[1]).glob('*.jpg'))
 bb = load_backbone(BackboneSpec(model=None, pretrained=sys.argv[2], model_config=sys.argv[3]))
 summary = extract_features(paths, [0] * len(paths), bb, sys.argv[4], ExtractSettings(views=20),
@@ -80,7 +86,7 @@ print(summary["peak_rss_mb"])
 """
 
 
-def peak_memory(tmp: Path, counts: tuple[int, int]) -> dict[int, float]:
+def peak_memory(tmp: Path, counts: tuple[int, int], policy: str) -> dict[int, float]:
     """Peak RSS (MB) of extraction processes with a tiny model for two dataset sizes."""
     import open_clip
 
@@ -118,6 +124,7 @@ def peak_memory(tmp: Path, counts: tuple[int, int]) -> dict[int, float]:
                 str(ckpt),
                 str(cfg_path),
                 str(tmp / f"mem{count}.safetensors"),
+                policy,
             ],
             capture_output=True,
             text=True,
@@ -138,10 +145,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory part")
+    ap.add_argument("--glibc-default", action="store_true", help="glibc's default malloc policy")
     args = ap.parse_args()
+    policy = "default" if args.glibc_default else "keep"
+    if not args.glibc_default:
+        keep_freed_memory()
     if args.memory_only:
         with tempfile.TemporaryDirectory() as tmp_name:
-            mem = peak_memory(Path(tmp_name), (100, 400))
+            mem = peak_memory(Path(tmp_name), (100, 400), policy)
         print(
             "peak RSS, tiny model, chunk 64, V=20: "
             + ", ".join(f"{n} images {m:.0f} MB" for n, m in mem.items())
@@ -169,7 +180,7 @@ def main() -> None:
                 workers=args.workers,
             )
             ext.append(time.perf_counter() - start)
-        mem = peak_memory(tmp, (100, 400))
+        mem = peak_memory(tmp, (100, 400), policy)
     f, e = statistics.median(fwd), statistics.median(ext)
     result = {
         "model": args.model,
@@ -178,6 +189,7 @@ def main() -> None:
         "views": args.views,
         "workers": args.workers,
         "threads": torch.get_num_threads(),
+        "malloc": policy,
         "forward_only_s": f,
         "extraction_s": e,
         "ratio": e / f,
@@ -188,7 +200,7 @@ def main() -> None:
     print(
         f"{args.model} random weights on {args.device}, {args.images} images x (1 + "
         f"{args.views}) crops, {args.workers} workers, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats}"
+        f"malloc {policy}, median of {args.repeats}"
     )
     print(f"  forward only     {crops / f:8.1f} crops/s")
     print(f"  extraction       {crops / e:8.1f} crops/s   ratio {e / f:.3f}x (target <= 1.15x)")

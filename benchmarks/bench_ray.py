@@ -12,9 +12,10 @@ decoding, views, encoding, chunked writes, final assembly) against a Ray instanc
 - scaling, ``--scaling-images`` images: one Ray worker of one core against two of one core
   each: the throughput a second worker adds.
 
-Ray workers keep freed memory for reuse (``ratta.distributed._keep_freed_memory``), which
-this process does not unless ``--same-malloc`` is given: with it, local and Ray runs differ
-by the backend alone. ``--scaling-images 0`` skips the scaling runs.
+Local runs use the allocator policy of ``ratta extract`` and of Ray workers
+(``ratta.resources.keep_freed_memory``), so local and Ray runs differ by the backend alone;
+``--glibc-default`` leaves this process at glibc's default policy instead (the local backend
+as a library user gets it). ``--scaling-images 0`` skips the scaling runs.
 
 Each Ray run pays a fixed start-up (a worker process importing torch and receiving the
 model), reported as ``first_worker_ready_s``; figures are given end to end and without it.
@@ -43,6 +44,7 @@ from bench_extract import make_images, random_checkpoint
 from ratta.backbones import BackboneSpec, load_backbone
 from ratta.distributed import RayBackend
 from ratta.extract import ExtractSettings, extract_features
+from ratta.resources import keep_freed_memory
 
 
 def main() -> None:
@@ -54,13 +56,13 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=8)
     ap.add_argument("--forward-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--same-malloc", action="store_true", help="local: the workers' malloc policy")
+    ap.add_argument(
+        "--glibc-default", action="store_true", help="local: glibc's default malloc policy"
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    if args.same_malloc:
-        from ratta.distributed import _keep_freed_memory
-
-        _keep_freed_memory()
+    if not args.glibc_default:
+        keep_freed_memory()
 
     import ray
 
@@ -127,7 +129,7 @@ def main() -> None:
         "seconds": med,
         "first_worker_ready_s": ready,
         "crops_per_s": {name: crops[name] / t for name, t in med.items()},
-        "same_malloc": args.same_malloc,
+        "glibc_default_local": args.glibc_default,
         "overhead_1_worker": med[full] / med["local"] - 1,
         "overhead_1_worker_after_start_up": steady[full] / steady["local"] - 1,
         "same_bytes": {f"local == {full}": files["local"] == files[full]},
@@ -139,7 +141,7 @@ def main() -> None:
     print(
         f"\n{args.model} random weights, CPU, (1 + {args.views}) crops per image, chunks of "
         f"{args.chunk_size} images, {cores} cores, median of {args.repeats}"
-        + (", local with the workers' malloc policy" if args.same_malloc else "")
+        + (", local at glibc's default malloc policy" if args.glibc_default else "")
     )
     print(f"{'configuration':<14}{'images':>7}{'seconds':>9}{'crops/s':>9}{'worker ready':>14}")
     for name, t in med.items():

@@ -18,6 +18,7 @@ from ratta.describe import add_parser as _add_describe
 from ratta.distributed import BACKENDS
 from ratta.errors import RattaInputError
 from ratta.files import write_text_atomic
+from ratta.resources import keep_freed_memory
 
 EXIT_USAGE = 2
 DECODE_WORKERS = min(4, os.cpu_count() or 1)
@@ -284,6 +285,7 @@ def _run_extract(args: argparse.Namespace) -> int:
 
     settings = ExtractSettings(views=args.views, seed=args.seed, dtype=args.feature_dtype)
     backend = ray_backend(args, local_workers=True)
+    keep_freed_memory()
     split = load_split(args.dataset, args.data_root, csv_classes=args.class_names)
     backbone = load_backbone(_spec(args), model_device(args, backend))
     summary = extract_features(
@@ -401,6 +403,7 @@ def _run_run(args: argparse.Namespace) -> int:
     from ratta.extract import ExtractSettings
     from ratta.run import dataset_preset, run
 
+    keep_freed_memory()
     quantile = args.quantile
     if quantile is None:
         quantile = dataset_preset(args.dataset, args.preset).quantile
@@ -471,6 +474,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from ratta.adapt import resolve_device
     from ratta.evaluate import ALL_DATASETS, EvalSettings, evaluate
 
+    keep_freed_memory()
     datasets = list(ALL_DATASETS) if args.datasets == ["all"] else args.datasets
     report = evaluate(
         datasets,
@@ -527,6 +531,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from ratta.adapt import resolve_device
     from ratta.evaluate import sweep
 
+    keep_freed_memory()
     results = sweep(
         args.param,
         args.values,

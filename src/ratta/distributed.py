@@ -309,7 +309,9 @@ class _Actor:
 
         import torch
 
-        _keep_freed_memory()
+        from ratta.resources import keep_freed_memory
+
+        keep_freed_memory()
         torch.set_num_threads(threads)
         for name in modules:
             with contextlib.suppress(ImportError):  # only a head start: setup imports them too
@@ -321,27 +323,6 @@ class _Actor:
 
     def run(self, shard: Any) -> Any:
         return self.job(shard)
-
-
-def _keep_freed_memory() -> None:
-    """Let glibc keep freed memory for reuse in this worker process, up to 1 GiB blocks.
-
-    A Ray worker returned the model's activations to the kernel after every forward and
-    faulted them in again on the next (25x the page faults of the same work in the driver,
-    20 % slower encoding); the same thresholds a long-running process reaches by glibc's
-    own adjustment, raised past the size of a forward's largest tensors, remove that.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "mallopt"):  # glibc; others keep their policy
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 def run_shards(

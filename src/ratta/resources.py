@@ -1,4 +1,4 @@
-"""Process resource readings for run summaries."""
+"""Process resources: readings for run summaries, and the allocator policy for encoding."""
 
 from __future__ import annotations
 
@@ -21,3 +21,30 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory of up to 1 GiB blocks for reuse in this process.
+
+    glibc serves blocks over its mmap threshold (at most 32 MiB by default) with fresh
+    mappings and unmaps them when freed, so every forward pass of an image encoder on the
+    CPU faults its largest activations in afresh: 25x the page faults and about 15-20 %
+    slower encoding, measured with a ViT-B/32. Raising the mmap and trim thresholds past a
+    forward's largest tensors lets the allocator reuse them instead. Process-wide and
+    idempotent; the CLI's encoding commands and Ray workers call it, library users may.
+    A no-op on other C libraries.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return
+    if libc is not None and hasattr(libc, "mallopt"):  # glibc; others keep their policy
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h

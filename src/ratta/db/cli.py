@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ratta.errors import RattaInputError
+from ratta.resources import keep_freed_memory
 
 
 def _index_args(
@@ -220,6 +221,7 @@ def _run_build(args: argparse.Namespace) -> int:
     from ratta.db.build import build_database
 
     backend = ray_backend(args, local_workers=True)
+    keep_freed_memory()
     backbone = load_backbone(_spec(args), model_device(args, backend))
     manifest, summary = build_database(
         args.images,
