@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ratta-installed
+TEST_STAMP := $(VENV)/.ratta-test-installed
 
 .PHONY: demo test lint bench clean
 
@@ -15,10 +16,15 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# the suite also runs the Ray backend's tests on a local Ray instance
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,ray]'
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/ratta demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
