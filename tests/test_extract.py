@@ -90,6 +90,19 @@ def test_identical_across_batch_sizes_and_workers(tiny_backbone, images, tmp_pat
         assert torch.equal(a[key], b[key]), key
 
 
+def test_identical_across_torch_thread_counts(tiny_backbone, images, tmp_path) -> None:
+    """The same bytes with 1 and 2 threads (MKL's strict reproducibility, set by ratta):
+    a Ray worker of one CPU writes what a local run on all cores writes."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            run(tiny_backbone, images, tmp_path / f"t{threads}.safetensors", views=4, chunk_size=3)
+    finally:
+        torch.set_num_threads(before)
+    assert (tmp_path / "t1.safetensors").read_bytes() == (tmp_path / "t2.safetensors").read_bytes()
+
+
 def test_different_seeds_give_different_views(tiny_backbone, images, tmp_path) -> None:
     run(tiny_backbone, images[:2], tmp_path / "a.safetensors", seed=1)
     run(tiny_backbone, images[:2], tmp_path / "b.safetensors", seed=2)

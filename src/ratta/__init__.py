@@ -1,5 +1,14 @@
 """ratta: Retrieval-Augmented Test-Time Adaptation (RA-TTA, ICLR 2025) for CLIP-like models."""
 
+import os as _os
+
+# MKL's strict conditional numerical reproducibility: CPU matrix products give the same bits
+# for any number of threads (without it, 1- and 2-thread encodings of a small model differ
+# by ~1e-7), so outputs do not depend on the thread count or the Ray worker layout; measured
+# at no cost here. MKL reads it at its first call: set before any matrix product, may be
+# overridden by the user's own MKL_CBWR.
+_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 from ratta.config import RATTAConfig
 from ratta.engine import BatchResult, ratta_batch
 from ratta.errors import RattaInputError
