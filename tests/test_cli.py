@@ -103,6 +103,22 @@ def test_console_script_runs(world_files, tmp_path) -> None:
     assert "RA-TTA" in proc.stdout
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["--version"], ["--help"], ["db", "build", "--help"], ["extract", "--views", "3"]],
+)
+def test_help_version_and_usage_errors_start_without_torch(argv: list[str]) -> None:
+    """The parser needs no torch (1 s of imports): help and usage errors come at once."""
+    code = (
+        "import sys\nfrom ratta.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "sys.exit(9 if 'torch' in sys.modules else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, f"torch was imported by ratta {' '.join(argv)}"
+    assert proc.stdout or proc.stderr.startswith("usage: ratta extract")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -9,10 +9,13 @@ import os as _os
 # overridden by the user's own MKL_CBWR.
 _os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-from ratta.config import RATTAConfig
-from ratta.engine import BatchResult, ratta_batch
-from ratta.errors import RattaInputError
-from ratta.retrieval import ExactRetriever, FaissRetriever
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ratta.config import RATTAConfig
+    from ratta.engine import BatchResult, ratta_batch
+    from ratta.errors import RattaInputError
+    from ratta.retrieval import ExactRetriever, FaissRetriever
 
 __version__ = "0.1.0"
 
@@ -25,3 +28,22 @@ __all__ = [
     "__version__",
     "ratta_batch",
 ]
+
+# The exports load on first use (PEP 562): `ratta --help` and `ratta --version` start
+# without importing torch.
+_EXPORTS = {
+    "BatchResult": "ratta.engine",
+    "ExactRetriever": "ratta.retrieval",
+    "FaissRetriever": "ratta.retrieval",
+    "RATTAConfig": "ratta.config",
+    "RattaInputError": "ratta.errors",
+    "ratta_batch": "ratta.engine",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ratta' has no attribute {name!r}")

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ratta import __version__
+from ratta.atomic import write_text_atomic
 from ratta.config import RATTAConfig
 from ratta.datasets.cli import add_parser as _add_datasets
 from ratta.db.cli import add_parser as _add_db
 from ratta.describe import add_parser as _add_describe
 from ratta.distributed import BACKENDS
 from ratta.errors import RattaInputError
-from ratta.files import write_text_atomic
 from ratta.resources import keep_freed_memory
 
 EXIT_USAGE = 2

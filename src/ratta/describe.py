@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from ratta import __version__
+from ratta.atomic import atomic_path, check_output_path, write_json
 from ratta.errors import RattaInputError
-from ratta.files import atomic_path, check_output_path, write_json
 
 DEFAULT_LLM_URL = "https://api.openai.com/v1"
 KEY_ENV = ("RATTA_LLM_API_KEY", "OPENAI_API_KEY")

@@ -35,12 +35,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import Tensor
-
+from ratta.atomic import write_json
 from ratta.errors import RattaInputError
-from ratta.files import save_safetensors, write_json
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 BACKENDS = ("local", "ray")
 
@@ -157,6 +158,8 @@ class ShardStore:
 
     def save(self, k: int, tensors: dict[str, Tensor], meta: dict[str, Any] | None = None) -> None:
         """Write shard ``k`` atomically (a killed run never leaves a partial shard)."""
+        from ratta.files import save_safetensors
+
         save_safetensors(self.path(k), tensors, {"shard": json.dumps(meta or {})})
 
     def load(self, k: int) -> tuple[dict[str, Tensor], dict[str, Any]]:

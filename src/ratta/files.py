@@ -14,12 +14,9 @@ file and key. Outputs are written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +27,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ratta.atomic import atomic_path as atomic_path
+from ratta.atomic import check_output_path as check_output_path
+from ratta.atomic import write_json as write_json
+from ratta.atomic import write_text_atomic as write_text_atomic
 from ratta.errors import RattaInputError
 
 EMBED_DTYPES = (torch.float16, torch.float32)
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 BASELINE_PREFIX = "baseline_"
 NUMPY_EMBED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 # Accepted deviation of an embedding's L2 norm from 1 (float16 storage rounds at ~5e-4).
@@ -45,30 +44,6 @@ class RattaInputWarning(UserWarning):
     """Input was usable after a fix (e.g. vectors re-normalised)."""
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
-    final = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output private
-    try:
-        yield Path(tmp)
-        os.replace(tmp, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
 def save_safetensors(
     path: str | os.PathLike[str], tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
 ) -> None:
@@ -76,18 +51,6 @@ def save_safetensors(
     ready = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(ready, str(tmp), metadata=metadata)
-
-
-def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """Fail early, before any work, if ``path`` cannot be written."""
-    out = Path(path)
-    if out.is_dir():
-        raise RattaInputError(f"{out}: output path is a directory; give a file name")
-    if not out.parent.is_dir():
-        raise RattaInputError(f"{out}: output directory {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise RattaInputError(f"{out}: output directory {out.parent} is not writable")
-    return out
 
 
 def _open(path: str | os.PathLike[str]) -> Any:

@@ -10,18 +10,21 @@ through :func:`load_for_search`. Modules, one per step:
 - ``importers``, ``build``, ``select``, ``index``, ``audit``: the ``ratta db`` commands;
 - ``cli``: the ``ratta db`` subcommands (a thin layer over the functions above).
 
-Only ``store`` is imported here, so ``ratta adapt`` pays for neither pyarrow nor FAISS
-unless it needs them.
+Only ``store`` is imported here, on first use, so ``ratta adapt`` pays for neither pyarrow
+nor FAISS unless it needs them.
 """
 
-from ratta.db.store import (
-    Database,
-    DatabaseInfo,
-    Manifest,
-    inspect_database,
-    is_database_dir,
-    load_for_search,
-)
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ratta.db.store import (
+        Database,
+        DatabaseInfo,
+        Manifest,
+        inspect_database,
+        is_database_dir,
+        load_for_search,
+    )
 
 __all__ = [
     "Database",
@@ -31,3 +34,12 @@ __all__ = [
     "is_database_dir",
     "load_for_search",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The exports load from ``store`` on first use: ``ratta db --help`` imports no torch."""
+    if name in __all__:
+        from ratta.db import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'ratta.db' has no attribute {name!r}")
