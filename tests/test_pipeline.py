@@ -77,6 +77,26 @@ def test_extract_cli_follows_the_split_and_matches_open_clip(
     assert summary["source"]["dataset"] == "dtd" and summary["views"] == 3
 
 
+def test_extract_cli_lists_ten_skipped_images_and_counts_the_rest(
+    tiny_clip, tmp_path, capsys
+) -> None:
+    from conftest import write_images
+
+    folder = tmp_path / "imgs" / "cls"
+    write_images(folder, 2)
+    for i in range(12):
+        (folder / f"broken{i:02d}.jpg").write_bytes(b"not an image")
+    out = tmp_path / "f.safetensors"
+    argv = ["extract", "--dataset", "folder", "--data-root", str(tmp_path / "imgs")]
+    argv += ["--views", "1", "--workers", "0", "--quiet", "--out", str(out)]
+    assert main([*argv, *backbone_args(tiny_clip)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2 images x (1 + 1) crops, 12 skipped")
+    assert sum(line.startswith("  skipped ") for line in lines) == 10
+    assert f"  ... and 2 more (all listed in {out}.json)" in lines
+    assert len(json.loads(Path(f"{out}.json").read_text())["skipped_images"]) == 12
+
+
 def test_text_cli_uses_split_class_order(data, tiny_clip, tmp_path) -> None:
     out = tmp_path / "t.safetensors"
     argv = [

@@ -216,6 +216,16 @@ def print_shards(summary: dict[str, Any]) -> None:
         print(f"shards: {summary['shards']['summary']}")
 
 
+def print_encoding_report(summary: dict[str, Any], kept_in: str, listed: int = 10) -> None:
+    """The images an encoding run skipped (the first ``listed``), then its shard line."""
+    skipped = summary["skipped_images"]
+    for item in skipped[:listed]:
+        print(f"  skipped {item['path']}: {item['error']}")
+    if len(skipped) > listed:
+        print(f"  ... and {len(skipped) - listed:,} more ({kept_in})")
+    print_shards(summary)
+
+
 def _pipeline_args(p: argparse.ArgumentParser, workers: bool = True) -> None:
     """Options of the commands that chain stages through the cache (run, eval, sweep)."""
     if workers:
@@ -306,9 +316,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         f"{summary['images']} images x (1 + {summary['views']}) crops, "
         f"{summary['skipped']} skipped, {summary['timings_s']['total']:.1f} s; wrote {args.out}"
     )
-    for item in summary["skipped_images"][:10]:
-        print(f"  skipped {item['path']}: {item['error']}")
-    print_shards(summary)
+    print_encoding_report(summary, f"all listed in {args.out}.json")
     return 0
 
 

@@ -217,7 +217,7 @@ def _run_import(args: argparse.Namespace) -> int:
 
 def _run_build(args: argparse.Namespace) -> int:
     from ratta.backbones import load_backbone
-    from ratta.cli import _spec, decode_workers, model_device, print_shards, ray_backend
+    from ratta.cli import _spec, decode_workers, model_device, print_encoding_report, ray_backend
     from ratta.db.build import build_database
 
     backend = ray_backend(args, local_workers=True)
@@ -241,9 +241,7 @@ def _run_build(args: argparse.Namespace) -> int:
         f"{summary['images']:,} images encoded, "
         f"{summary['skipped']:,} skipped (corrupt or unreadable)"
     )
-    for item in summary["skipped_images"][:10]:
-        print(f"  skipped {item['path']}: {item['error']}")
-    print_shards(summary)
+    print_encoding_report(summary, "the first 20 are kept in the manifest's provenance")
     _print_written(manifest, args.out)
     return 0
 
