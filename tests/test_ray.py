@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_images
+from conftest import DTD_CLASSES, make_coop_dtd, write_images
 from safetensors.torch import load_file, save_file
 
 import ratta.extract as extract_mod
@@ -379,6 +379,43 @@ def test_adapt_on_ray_equals_local(world: SyntheticWorld, world_files, tmp_path:
     assert (summary["shards"]["shards"], summary["shards"]["done"]) == (4, 4)  # 60 images / 16
     assert summary["counts"]["images"] == world.labels.shape[0]
     assert not Path(f"{tmp_path / 'ray.safetensors'}.parts").exists()
+
+
+def test_run_cli_on_ray_equals_local(tiny_clip, tmp_path: Path, capsys) -> None:
+    """``ratta run --backend ray``: extraction and adaptation on workers, same cached files."""
+    make_coop_dtd(tmp_path / "data")
+    desc = tmp_path / "cupl.json"
+    desc.write_text(
+        json.dumps(
+            {n.replace("_", " "): [f"A {n} texture, {i}." for i in range(8)] for n in DTD_CLASSES}
+        )
+    )
+    db = tmp_path / "db.npy"
+    vecs = np.random.default_rng(0).standard_normal((40, 32)).astype(np.float32)
+    np.save(db, vecs / np.linalg.norm(vecs, axis=1, keepdims=True))
+    argv = ["run", "--dataset", "dtd", "--data-root", str(tmp_path / "data"), "--db", str(db)]
+    argv += ["--descriptions", str(desc), "--views", "3", "--quiet"]
+    argv += [
+        "--model-config",
+        str(tiny_clip["config"]),
+        "--pretrained",
+        str(tiny_clip["checkpoint"]),
+    ]
+    local = [*argv, "--workers", "0", "--cache", str(tmp_path / "c1"), "--out", str(tmp_path / "l")]
+    assert main(local) == 0
+    ray_run = [*argv, "--backend", "ray", "--workers", "2", "--adapt-batch-size", "4"]
+    ray_run += ["--cache", str(tmp_path / "c2")]
+    capsys.readouterr()
+    assert main([*ray_run, "--out", str(tmp_path / "r")]) == 0
+    assert "shards: ray, 2 workers:" in capsys.readouterr().out
+    res = {k: json.loads((tmp_path / k / "results.json").read_text()) for k in ("l", "r")}
+    feats = [Path(res[k]["cache"]["features"]).read_bytes() for k in ("l", "r")]
+    assert feats[0] == feats[1]
+    assert res["r"]["shards"]["backend"] == "ray" and res["r"]["shards"]["failed"] == 0
+    a, b = (load_file(str(tmp_path / k / "predictions.safetensors")) for k in ("l", "r"))
+    assert res["l"]["counts"]["adapted"] > 0 and res["r"]["counts"] == res["l"]["counts"]
+    assert torch.equal(a["candidates"], b["candidates"])
+    torch.testing.assert_close(a["final"], b["final"], rtol=0, atol=1e-6)
 
 
 def test_bad_input_found_by_a_worker_stops_the_run_with_the_local_message(

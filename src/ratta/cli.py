@@ -386,7 +386,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     _dataset_args(p)
     _backbone_args(p)
-    _extract_args(p)
+    _extract_args(p, ray=True)
     p.add_argument("--db", required=True, help="image database: .npy or a database folder")
     p.add_argument("--descriptions", default="auto", help="CuPL JSON file or 'auto'")
     p.add_argument("--preset", default=None, help="text preset for custom datasets")
@@ -403,6 +403,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapt-batch-size", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     _pipeline_args(p, workers=False)
+    backend_args(p)
     p.set_defaults(func=_run_run)
 
 
@@ -411,6 +412,9 @@ def _run_run(args: argparse.Namespace) -> int:
     from ratta.extract import ExtractSettings
     from ratta.run import dataset_preset, run
 
+    backend = ray_backend(args, local_workers=True)
+    if backend is not None:
+        backend.check_device(args.device)  # the workers' device; the driver needs none
     keep_freed_memory()
     quantile = args.quantile
     if quantile is None:
@@ -429,13 +433,14 @@ def _run_run(args: argparse.Namespace) -> int:
         allow_missing=args.allow_missing,
         config=config,
         cache=args.cache,
-        device=str(resolve_device(args.device)),
+        device=str(resolve_device(args.device)) if backend is None else args.device,
         batch_size=args.batch_size,
         forward_batch=args.forward_batch,
-        workers=args.workers,
+        workers=decode_workers(args, backend),
         adapt_batch_size=args.adapt_batch_size,
         dtype=args.dtype,
         progress=not args.quiet,
+        backend=backend,
     )
     table = format_results(summary)
     write_text_atomic(Path(args.out) / "results.md", f"# {args.dataset}\n\n```\n{table}\n```\n")
@@ -443,6 +448,7 @@ def _run_run(args: argparse.Namespace) -> int:
     print(table)
     print(f"features {'reused' if c['features_reused'] else 'computed'}: {c['features']}")
     print(f"text {'reused' if c['text_reused'] else 'computed'}: {c['text']}")
+    print_shards(summary)
     print(f"wrote {Path(args.out) / 'predictions.safetensors'}, results.json and results.md")
     return 0
 

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ratta.adapt import adapt
 from ratta.backbones import Backbone, BackboneSpec, backbone_fingerprint, load_backbone
@@ -26,6 +26,9 @@ from ratta.extract import ExtractSettings, extract_features
 from ratta.files import write_json
 from ratta.presets import DatasetPreset, get_preset
 from ratta.text import build_text_features, cache_dir, fetch_published_descriptions
+
+if TYPE_CHECKING:
+    from ratta.distributed import RayBackend
 
 # Text settings for the user's own datasets (``folder``, ``csv``) unless --preset is given.
 CUSTOM_PRESET = "caltech101"
@@ -88,11 +91,13 @@ def run(
     dtype: str = "float32",
     adapt_views: int | None = None,
     progress: bool = False,
+    backend: RayBackend | None = None,
 ) -> dict[str, Any]:
     """Chain the three stages; returns the adaptation summary with a ``cache`` section.
 
     ``adapt_views`` adapts with only the first V' of the extracted views (view sweeps reuse
-    one extraction).
+    one extraction). With ``backend``, extraction and adaptation run on Ray workers (on
+    ``device``), the text stage on this process's CPU; the cached files are the same.
     """
     from ratta.datasets import load_split
 
@@ -106,7 +111,7 @@ def run(
     split = load_split(dataset, data_root, csv_classes=class_names_file)
     desc_path = resolve_descriptions(descriptions, pre)
     bb_fp = backbone_fingerprint(spec)
-    lazy = _LazyBackbone(spec, device)
+    lazy = _LazyBackbone(spec, "cpu" if backend is not None else device)
     started = time.perf_counter()
 
     feat_key = _key(
@@ -134,6 +139,7 @@ def run(
             workers=workers,
             metadata={"dataset": dataset, "split": split.fingerprint()},
             progress=progress,
+            backend=backend,
         )
 
     desc_hash = hashlib.sha256(desc_path.read_bytes()).hexdigest()
@@ -173,6 +179,7 @@ def run(
         dtype=dtype,
         views=adapt_views,
         progress=progress,
+        backend=backend,
     )
     summary["dataset"] = dataset
     summary["cache"] = {
