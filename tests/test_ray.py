@@ -418,6 +418,33 @@ def test_run_cli_on_ray_equals_local(tiny_clip, tmp_path: Path, capsys) -> None:
     torch.testing.assert_close(a["final"], b["final"], rtol=0, atol=1e-6)
 
 
+def test_eval_cli_on_ray_gives_the_local_table(tiny_clip, tmp_path: Path, capsys) -> None:
+    make_coop_dtd(tmp_path / "data")
+    (tmp_path / "desc").mkdir()
+    (tmp_path / "desc" / "CuPL_prompts_dtd.json").write_text(
+        json.dumps(
+            {n.replace("_", " "): [f"A {n} texture, {i}." for i in range(8)] for n in DTD_CLASSES}
+        )
+    )
+    (tmp_path / "dbs").mkdir()
+    vecs = np.random.default_rng(1).standard_normal((40, 32)).astype(np.float32)
+    np.save(tmp_path / "dbs" / "dtd.npy", vecs / np.linalg.norm(vecs, axis=1, keepdims=True))
+    argv = ["eval", "--datasets", "dtd", "--seeds", "0", "--data-root", str(tmp_path / "data")]
+    argv += ["--db-root", str(tmp_path / "dbs"), "--descriptions", str(tmp_path / "desc")]
+    argv += ["--views", "3", "--quiet", "--model-config", str(tiny_clip["config"])]
+    argv += ["--pretrained", str(tiny_clip["checkpoint"])]
+    assert main([*argv, "--cache", str(tmp_path / "c1"), "--out", str(tmp_path / "l")]) == 0
+    ray_argv = [*argv, "--backend", "ray", "--workers", "2", "--cache", str(tmp_path / "c2")]
+    assert main([*ray_argv, "--out", str(tmp_path / "r")]) == 0
+    rows = {k: json.loads((tmp_path / k / "results.json").read_text())["rows"] for k in "lr"}
+    keys = ("dataset", "seed", "method", "images", "top1", "top5", "fallback_rate")
+    assert [{k: r[k] for k in keys} for r in rows["r"]] == [
+        {k: r[k] for k in keys} for r in rows["l"]
+    ]
+    for a, b in zip(rows["l"], rows["r"], strict=True):
+        assert abs(a["ece"] - b["ece"]) < 1e-5
+
+
 def test_bad_input_found_by_a_worker_stops_the_run_with_the_local_message(
     world: SyntheticWorld, tmp_path: Path
 ) -> None:

@@ -227,13 +227,15 @@ def print_encoding_report(summary: dict[str, Any], kept_in: str, listed: int = 1
 
 
 def _pipeline_args(p: argparse.ArgumentParser, workers: bool = True) -> None:
-    """Options of the commands that chain stages through the cache (run, eval, sweep)."""
+    """Options of the commands that chain stages through the cache (run, eval, sweep),
+    the Ray flags included; ``workers``: also add ``--workers``."""
     if workers:
         p.add_argument(
             "--workers",
             type=int,
-            default=DECODE_WORKERS,
-            help="image decoding/augmentation workers (%(default)s)",
+            default=None,
+            help=f"image decoding/augmentation workers (default {DECODE_WORKERS}); with "
+            "--backend ray: Ray workers, one model each (default 1)",
         )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (%(default)s)")
     p.add_argument(
@@ -241,6 +243,20 @@ def _pipeline_args(p: argparse.ArgumentParser, workers: bool = True) -> None:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    backend_args(p)
+
+
+def pipeline_backend(args: argparse.Namespace) -> dict[str, Any]:
+    """``backend``, ``device`` and ``workers`` of ``run()`` for run, eval and sweep: locally
+    this machine's device; on Ray the workers' (the driver needs none)."""
+    from ratta.adapt import resolve_device
+
+    backend = ray_backend(args, local_workers=True)
+    if backend is None:
+        device = str(resolve_device(args.device))
+    else:
+        device = backend.check_device(args.device)
+    return {"backend": backend, "device": device, "workers": decode_workers(args, backend)}
 
 
 def _spec(args: argparse.Namespace) -> Any:
@@ -403,18 +419,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapt-batch-size", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     _pipeline_args(p, workers=False)
-    backend_args(p)
     p.set_defaults(func=_run_run)
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from ratta.adapt import resolve_device
     from ratta.extract import ExtractSettings
     from ratta.run import dataset_preset, run
 
-    backend = ray_backend(args, local_workers=True)
-    if backend is not None:
-        backend.check_device(args.device)  # the workers' device; the driver needs none
     keep_freed_memory()
     quantile = args.quantile
     if quantile is None:
@@ -433,14 +444,12 @@ def _run_run(args: argparse.Namespace) -> int:
         allow_missing=args.allow_missing,
         config=config,
         cache=args.cache,
-        device=str(resolve_device(args.device)) if backend is None else args.device,
         batch_size=args.batch_size,
         forward_batch=args.forward_batch,
-        workers=decode_workers(args, backend),
         adapt_batch_size=args.adapt_batch_size,
         dtype=args.dtype,
         progress=not args.quiet,
-        backend=backend,
+        **pipeline_backend(args),
     )
     table = format_results(summary)
     write_text_atomic(Path(args.out) / "results.md", f"# {args.dataset}\n\n```\n{table}\n```\n")
@@ -485,7 +494,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from ratta.adapt import resolve_device
     from ratta.evaluate import ALL_DATASETS, EvalSettings, evaluate
 
     keep_freed_memory()
@@ -506,10 +514,9 @@ def _run_eval(args: argparse.Namespace) -> int:
             min_desc=args.min_desc,
         ),
         cache=args.cache,
-        device=str(resolve_device(args.device)),
-        workers=args.workers,
         progress=not args.quiet,
         log=None if args.quiet else print,
+        **pipeline_backend(args),
     )
     print(Path(args.out, "results.md").read_text())
     print(
@@ -542,7 +549,6 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from ratta.adapt import resolve_device
     from ratta.evaluate import sweep
 
     keep_freed_memory()
@@ -558,8 +564,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         seed=args.seed,
         descriptions=args.descriptions,
         cache=args.cache,
-        device=str(resolve_device(args.device)),
-        workers=args.workers,
+        **pipeline_backend(args),
     )
     print(f"{'value':>10}{'CuPL':>9}{'retrieval':>11}{'RA-TTA':>9}")
     for r in results:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -32,6 +32,9 @@ from ratta.extract import ExtractSettings
 from ratta.files import FeatureReader, load_text, save_safetensors, write_json, write_text_atomic
 from ratta.metrics import classification_metrics
 from ratta.presets import PRESETS
+
+if TYPE_CHECKING:
+    from ratta.distributed import RayBackend
 
 # The paper's table layout: 13 transfer datasets (ImageNet among them) and 4 ImageNet shifts.
 TRANSFER = (
@@ -186,11 +189,13 @@ def evaluate(
     workers: int = 2,
     progress: bool = False,
     log: Any = None,
+    backend: RayBackend | None = None,
 ) -> dict[str, Any]:
     """Run (or reuse) every (dataset, seed) cell and write the reports into ``out_dir``.
 
     A finished cell whose identity (backbone, views, descriptions, config) is unchanged is
     skipped; a failing dataset is recorded and the others go on. Returns the JSON report.
+    ``backend``: each cell's extraction and adaptation on Ray workers (see ``run``).
     """
     from ratta.run import run
 
@@ -243,6 +248,7 @@ def evaluate(
                         device=device,
                         workers=workers,
                         progress=progress,
+                        backend=backend,
                     )
                     save_safetensors(
                         cell / "baselines.safetensors",
@@ -436,6 +442,7 @@ def sweep(
     device: str = "cpu",
     workers: int = 2,
     progress: bool = False,
+    backend: RayBackend | None = None,
 ) -> list[dict[str, Any]]:
     """Accuracy of CuPL and RA-TTA for each value of one hyperparameter, on cached features.
 
@@ -472,6 +479,7 @@ def sweep(
             workers=workers,
             adapt_views=as_int if param == "views" else None,
             progress=progress,
+            backend=backend,
         )
         m = summary["metrics"]
         results.append(
