@@ -187,6 +187,8 @@ def ray_backend(args: argparse.Namespace, local_workers: bool = False) -> Any:
             num_gpus_per_worker=args.num_gpus_per_worker,
             max_retries=args.max_retries,
         )
+        if getattr(args, "device", None) is not None:
+            backend.check_device(args.device)  # before the seconds of starting Ray
         connect(backend)  # a missing Ray or a wrong address fails before any work
         return backend
     defaults = RayBackend()
