@@ -75,6 +75,23 @@ def tiny_backbone(tiny_clip):
     return load_backbone(spec)
 
 
+def adapt_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """``ratta adapt`` arguments for the features, text and db paths of ``paths``."""
+    return [
+        "adapt",
+        "--features",
+        str(paths["features"]),
+        "--text",
+        str(paths["text"]),
+        "--db",
+        str(paths["db"]),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
 def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
     """Small random RGB images of varied sizes and formats."""
     from PIL import Image

@@ -10,28 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import stacked
+from conftest import adapt_args, stacked
 from safetensors.torch import load_file, save_file
 
 from ratta import ExactRetriever, RATTAConfig, ratta_batch
 from ratta.cli import main
 from ratta.synthetic import SyntheticWorld
-
-
-def adapt_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return [
-        "adapt",
-        "--features",
-        str(paths["features"]),
-        "--text",
-        str(paths["text"]),
-        "--db",
-        str(paths["db"]),
-        "--out",
-        str(out),
-        "--quiet",
-        *extra,
-    ]
 
 
 def test_adapt_writes_the_documented_outputs(

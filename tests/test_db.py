@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_images
+from conftest import adapt_args, write_images
 from PIL import Image
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
@@ -246,38 +246,10 @@ def test_shard_that_disagrees_with_the_manifest_is_one_line(tmp_path: Path, caps
 def test_adapt_checks_the_directory_dimension(world_files, tmp_path: Path, capsys) -> None:
     np.save(tmp_path / "x.npy", unit(np.random.default_rng(6).standard_normal((20, 8))))
     import_database([tmp_path / "x.npy"], tmp_path / "db")
-    code = main(
-        [
-            "adapt",
-            "--features",
-            str(world_files["features"]),
-            "--text",
-            str(world_files["text"]),
-            "--db",
-            str(tmp_path / "db"),
-            "--out",
-            str(tmp_path / "p.safetensors"),
-            "--quiet",
-        ]
-    )
+    code = main(adapt_args({**world_files, "db": tmp_path / "db"}, tmp_path / "p.safetensors"))
     err = capsys.readouterr().err
     assert code == 2 and "database embeddings have dimension 8 but the text file" in err
-    code = main(
-        [
-            "adapt",
-            "--features",
-            str(world_files["features"]),
-            "--text",
-            str(world_files["text"]),
-            "--db",
-            str(world_files["db"]),
-            "--out",
-            str(tmp_path / "p.safetensors"),
-            "--quiet",
-            "--search",
-            "index",
-        ]
-    )
+    code = main(adapt_args(world_files, tmp_path / "p.safetensors", "--search", "index"))
     assert code == 2 and "--search index needs a database directory" in capsys.readouterr().err
 
 

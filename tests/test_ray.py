@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import DTD_CLASSES, make_coop_dtd, write_images
+from conftest import DTD_CLASSES, adapt_args, make_coop_dtd, write_images
 from safetensors.torch import load_file, save_file
 
 import ratta.extract as extract_mod
@@ -463,10 +463,8 @@ def test_bad_input_found_by_a_worker_stops_the_run_with_the_local_message(
 
 
 def test_adapt_cli_on_ray_prints_the_shards(world_files, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "p.safetensors"
-    argv = ["adapt", "--features", str(world_files["features"]), "--text"]
-    argv += [str(world_files["text"]), "--db", str(world_files["db"]), "--out", str(out)]
-    assert main([*argv, "--quiet", "--batch-size", "32", "--backend", "ray"]) == 0
+    argv = adapt_args(world_files, tmp_path / "p.safetensors")
+    assert main([*argv, "--batch-size", "32", "--backend", "ray"]) == 0
     assert "shards: ray, 1 worker: 2 shards, 2 done" in capsys.readouterr().out
 
 
@@ -491,9 +489,7 @@ def test_a_worker_that_cannot_start_stops_the_run_in_one_line() -> None:
 
 
 def test_ray_flags_without_the_ray_backend_are_one_line(world_files, tmp_path, capsys) -> None:
-    argv = ["adapt", "--features", str(world_files["features"]), "--text"]
-    argv += [str(world_files["text"]), "--db", str(world_files["db"])]
-    argv += ["--out", str(tmp_path / "p.safetensors"), "--quiet"]
+    argv = adapt_args(world_files, tmp_path / "p.safetensors")
     assert main([*argv, "--num-gpus-per-worker", "1"]) == 2
     assert capsys.readouterr().err == (
         "ratta: error: --num-gpus-per-worker applies to --backend ray (add --backend ray)\n"
@@ -507,19 +503,7 @@ def run_cli(code: str) -> subprocess.CompletedProcess:
 
 
 def test_unreachable_address_and_missing_ray_are_one_line(world_files, tmp_path) -> None:
-    argv = [
-        "adapt",
-        "--features",
-        str(world_files["features"]),
-        "--text",
-        str(world_files["text"]),
-        "--db",
-        str(world_files["db"]),
-        "--out",
-        str(tmp_path / "p.safetensors"),
-        "--backend",
-        "ray",
-    ]
+    argv = [*adapt_args(world_files, tmp_path / "p.safetensors"), "--backend", "ray"]
     closed = json.dumps([*argv, "--ray-address", "127.0.0.1:9"])
     res = run_cli(f"import sys; from ratta.cli import main; sys.exit(main({closed}))")
     assert res.returncode == 2, res.stderr
@@ -536,18 +520,7 @@ def test_unreachable_address_and_missing_ray_are_one_line(world_files, tmp_path)
 
 
 def test_the_local_backend_never_imports_ray(world_files, tmp_path) -> None:
-    argv = [
-        "adapt",
-        "--features",
-        str(world_files["features"]),
-        "--text",
-        str(world_files["text"]),
-        "--db",
-        str(world_files["db"]),
-        "--out",
-        str(tmp_path / "p.safetensors"),
-        "--quiet",
-    ]
+    argv = adapt_args(world_files, tmp_path / "p.safetensors")
     code = (
         f"import sys; from ratta.cli import main; code = main({json.dumps(argv)}); "
         "import ratta.extract, ratta.db.build, ratta.db.select, ratta.db.cli; "
