@@ -187,7 +187,7 @@ def ray_backend(args: argparse.Namespace, local_workers: bool = False) -> Any:
             num_gpus_per_worker=args.num_gpus_per_worker,
             max_retries=args.max_retries,
         )
-        if getattr(args, "device", None) is not None:
+        if getattr(args, "device", None) is not None:  # db select has no --device
             backend.check_device(args.device)  # before the seconds of starting Ray
         connect(backend)  # a missing Ray or a wrong address fails before any work
         return backend
@@ -253,11 +253,8 @@ def pipeline_backend(args: argparse.Namespace) -> dict[str, Any]:
     this machine's device; on Ray the workers' (the driver needs none)."""
     from ratta.adapt import resolve_device
 
-    backend = ray_backend(args, local_workers=True)
-    if backend is None:
-        device = str(resolve_device(args.device))
-    else:
-        device = backend.check_device(args.device)
+    backend = ray_backend(args, local_workers=True)  # checks --device against the workers
+    device = str(resolve_device(args.device)) if backend is None else args.device
     return {"backend": backend, "device": device, "workers": decode_workers(args, backend)}
 
 
@@ -302,8 +299,7 @@ def model_device(args: argparse.Namespace, backend: Any) -> str:
 
     if backend is None:
         return str(resolve_device(args.device))
-    backend.check_device(args.device)
-    return "cpu"
+    return "cpu"  # ray_backend checked --device against the workers
 
 
 def _run_extract(args: argparse.Namespace) -> int:
