@@ -523,7 +523,7 @@ def test_the_local_backend_never_imports_ray(world_files, tmp_path) -> None:
     argv = adapt_args(world_files, tmp_path / "p.safetensors")
     code = (
         f"import sys; from ratta.cli import main; code = main({json.dumps(argv)}); "
-        "import ratta.extract, ratta.db.build, ratta.db.select, ratta.db.cli; "
+        "import ratta.extract, ratta.db.build, ratta.db.select, ratta.cli.db; "
         "sys.exit(code or ('ray' in sys.modules) * 7)"
     )
     res = run_cli(code)

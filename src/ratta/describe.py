@@ -11,7 +11,6 @@ Without an LLM (``templates``), every class gets hand templates filled with its 
 
 from __future__ import annotations
 
-import argparse
 import email.utils
 import hashlib
 import http.client
@@ -206,18 +205,6 @@ def read_class_names(path: str | os.PathLike[str]) -> list[str]:
     if not first:
         raise RattaInputError(f"{p}: no class names (expected one name per line)")
     return list(first)
-
-
-def _dataset_class_names(dataset: str, data_root: str | None) -> list[str]:
-    """Class names of ``dataset`` in label order, read from its files under ``data_root``."""
-    if not data_root:
-        raise RattaInputError(
-            f"--dataset {dataset}: give --data-root DIR to read its class names, "
-            "or --classes FILE (one name per line)"
-        )
-    from ratta.datasets import class_names
-
-    return class_names(dataset, data_root)
 
 
 def _check_template(template: str, what: str) -> None:
@@ -727,75 +714,3 @@ def _write_outputs(
     }
     write_json(f"{out}.manifest.json", manifest)
     return manifest
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "describe",
-        help="write class descriptions (CuPL JSON) with an LLM or hand templates",
-        description="Ask an OpenAI-compatible chat endpoint to describe each class (CuPL "
-        f"style). The API key is read from {' or '.join(KEY_ENV)}.",
-    )
-    p.add_argument("--classes", metavar="FILE", help="text file with one class name per line")
-    p.add_argument("--dataset", metavar="NAME", help="dataset preset: its kind and hand templates")
-    p.add_argument(
-        "--data-root", metavar="DIR", help="root of the datasets (for --dataset class names)"
-    )
-    p.add_argument("--out", required=True, help="output CuPL JSON (manifest at OUT.manifest.json)")
-    p.add_argument("--llm-url", default=DEFAULT_LLM_URL, help="API base URL (%(default)s)")
-    p.add_argument("--llm-model", help="model name; required unless --templates-only")
-    p.add_argument("--per-prompt", type=int, default=20, help="answers per prompt (%(default)s)")
-    p.add_argument("--temperature", type=float, default=0.99, help="sampling (%(default)s)")
-    p.add_argument("--max-tokens", type=int, default=55, help="tokens per answer (%(default)s)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed sent to the server")
-    p.add_argument(
-        "--kind", choices=KINDS, help="which question prompts (default: the preset's, or objects)"
-    )
-    p.add_argument("--workers", type=int, default=8, help="requests in flight (%(default)s)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (%(default)s)")
-    p.add_argument(
-        "--templates-only",
-        action="store_true",
-        help="no LLM: fill the dataset's (or generic) hand templates with the class names",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ratta.presets import get_preset
-
-    preset = get_preset(args.dataset) if args.dataset else None
-    if args.classes:
-        names = read_class_names(args.classes)
-    elif preset is not None:
-        names = _dataset_class_names(args.dataset, args.data_root)
-    else:
-        raise RattaInputError("describe needs the class names: give --classes FILE")
-    kind = args.kind or (preset.kind if preset else "objects")
-    templates = None
-    if args.templates_only:
-        templates = preset.templates if preset else GENERIC_TEMPLATES[kind]
-    manifest = describe(
-        names,
-        args.out,
-        kind=kind,
-        llm_url=args.llm_url,
-        llm_model=args.llm_model,
-        per_prompt=args.per_prompt,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-        workers=args.workers,
-        templates=templates,
-        timeout=args.timeout,
-        progress=not args.quiet,
-    )
-    print(
-        f"wrote {args.out} ({manifest['classes']} classes, {manifest['descriptions']} "
-        f"descriptions, {manifest['mode']}) and {args.out}.manifest.json"
-    )
-    return 0

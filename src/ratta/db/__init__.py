@@ -7,8 +7,8 @@ through :func:`load_for_search`. Modules, one per step:
 - ``store``: the format, the manifest, opening and loading for search;
 - ``writer``: writing a directory atomically, shard by shard;
 - ``sources``: reading any embedding source shard by shard (``safe_pickle`` for pickles);
-- ``importers``, ``build``, ``select``, ``index``, ``audit``: the ``ratta db`` commands;
-- ``cli``: the ``ratta db`` subcommands (a thin layer over the functions above).
+- ``importers``, ``build``, ``select``, ``index``, ``audit``: the steps of ``ratta db``
+  (its command line is :mod:`ratta.cli.db`).
 
 Only ``store`` is imported here, on first use, so ``ratta adapt`` pays for neither pyarrow
 nor FAISS unless it needs them.

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ratta.backbones import sha256_file
 from ratta.errors import RattaInputError
 from ratta.files import (
     NUMPY_EMBED_DTYPES,
@@ -212,6 +213,19 @@ class Database:
             if hit.any():
                 out[hit] = arr[ids[hit] - start]
         return out
+
+    def verify(self) -> list[str]:
+        """The files (shards, metadata, index) whose sha256 differs from the manifest's."""
+        files = [(s.file, s.sha256) for s in self.manifest.shards]
+        for section in (self.manifest.metadata, self.manifest.index):
+            if section and "file" in section and "sha256" in section:
+                files.append((section["file"], section["sha256"]))
+        bad = []
+        for name, digest in files:
+            p = self.path / name
+            if not p.is_file() or sha256_file(p) != digest:
+                bad.append(str(p))
+        return bad
 
     def read_index(self, device: torch.device | None = None) -> Any:
         """The FAISS index with the manifest's search parameters (on the GPU for CUDA devices)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ratta.cli.options import command, command_group
 from ratta.datasets.check import CheckResult, check
 from ratta.datasets.registry import DATASETS
 
@@ -26,7 +27,7 @@ def format_result(r: CheckResult) -> str:
     return f"{head}{'complete' if r.complete else 'incomplete':<12}{counts}"
 
 
-def run_check(args: argparse.Namespace) -> int:
+def _run_check(args: argparse.Namespace) -> int:
     results = check(args.data_root, args.datasets)
     for r in results:
         print(format_result(r))
@@ -35,15 +36,17 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if done == len(results) else 1
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+def register(sub: argparse._SubParsersAction) -> None:
+    commands = command_group(
+        sub,
         "datasets",
         help="check the test splits under a data root",
         description="The 17 test splits (layout: docs/datasets.md).",
     )
-    commands = p.add_subparsers(dest="datasets_command", required=True)
-    c = commands.add_parser(
+    c = command(
+        commands,
         "check",
+        _run_check,
         help="report found/missing datasets and test-image counts",
         description=(
             "For each dataset: found or missing (first missing path), the test images listed "
@@ -59,4 +62,3 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help=f"datasets to check (default: all): {', '.join(DATASETS)}",
     )
-    c.set_defaults(func=run_check)

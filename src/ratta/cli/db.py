@@ -1,16 +1,29 @@
-"""``ratta db``: info, import, build, select, index, audit (thin layer over ``ratta.db``)."""
+"""``ratta db``: info, import, build, select, index, audit (a thin layer over ``ratta.db``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from ratta.cli.options import (
+    backbone_args,
+    backbone_spec,
+    backend_args,
+    command,
+    command_group,
+    decode_workers,
+    model_device,
+    ray_backend,
+    workers_arg,
+)
+from ratta.cli.report import print_encoding_report, print_shards
 from ratta.errors import RattaInputError
 from ratta.resources import keep_freed_memory
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _index_args(
@@ -167,28 +180,12 @@ def _run_info(args: argparse.Namespace) -> int:
     else:
         print(format_info(args.dir, db.manifest))
     if args.verify:
-        bad = verify(db)
+        bad = db.verify()
         for line in bad:
             print(f"MISMATCH {line}")
         print("hashes: " + ("all match" if not bad else f"{len(bad)} mismatched"))
         return 1 if bad else 0
     return 0
-
-
-def verify(db: Any) -> list[str]:
-    """Files whose sha256 differs from the manifest's."""
-    from ratta.backbones import sha256_file
-
-    files = [(s.file, s.sha256) for s in db.manifest.shards]
-    for section in (db.manifest.metadata, db.manifest.index):
-        if section and "file" in section and "sha256" in section:
-            files.append((section["file"], section["sha256"]))
-    bad = []
-    for name, digest in files:
-        p = db.path / name
-        if not p.is_file() or sha256_file(p) != digest:
-            bad.append(str(p))
-    return bad
 
 
 # ------------------------------------------------------------------------------ import
@@ -217,12 +214,11 @@ def _run_import(args: argparse.Namespace) -> int:
 
 def _run_build(args: argparse.Namespace) -> int:
     from ratta.backbones import load_backbone
-    from ratta.cli import _spec, decode_workers, model_device, print_encoding_report, ray_backend
     from ratta.db.build import build_database
 
     backend = ray_backend(args, local_workers=True)
     keep_freed_memory()
-    backbone = load_backbone(_spec(args), model_device(args, backend))
+    backbone = load_backbone(backbone_spec(args), model_device(args, backend))
     manifest, summary = build_database(
         args.images,
         backbone,
@@ -272,7 +268,6 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 
 
 def _run_select(args: argparse.Namespace) -> int:
-    from ratta.cli import print_shards, ray_backend
     from ratta.db.select import read_synonyms, select_by_caption, select_by_knn
 
     backend = ray_backend(args)
@@ -292,6 +287,8 @@ def _run_select(args: argparse.Namespace) -> int:
     else:
         if not args.text:
             raise RattaInputError("--by knn needs --text (the query vectors)")
+        import numpy as np
+
         from ratta.files import load_text
 
         text = load_text(args.text)
@@ -397,26 +394,25 @@ def _run_audit(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ parser
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ratta.cli import DECODE_WORKERS, _backbone_args, backend_args
-
-    p = sub.add_parser(
+def register(sub: argparse._SubParsersAction) -> None:
+    commands = command_group(
+        sub,
         "db",
         help="image databases: import, build, select, index, audit, info",
         description="Image-embedding databases for retrieval (format: docs/db.md).",
     )
-    commands = p.add_subparsers(dest="db_command", required=True)
 
-    c = commands.add_parser("info", help="print a database's manifest summary")
+    c = command(commands, "info", _run_info, help="print a database's manifest summary")
     c.add_argument("dir", help="database directory")
     c.add_argument("--json", action="store_true", help="print the whole manifest")
     c.add_argument(
         "--verify", action="store_true", help="check every file's sha256 (exit 1 if not)"
     )
-    c.set_defaults(func=_run_info)
 
-    c = commands.add_parser(
+    c = command(
+        commands,
         "import",
+        _run_import,
         help="import embeddings: reference pickles, .npy, .safetensors, clip-retrieval folders",
         description="Import embeddings into a database directory (pickles are read without "
         "running code: only numpy arrays and plain containers are admitted).",
@@ -437,10 +433,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--pretrained", default=None, help="record the encoder's weights")
     _index_args(c)
     c.add_argument("--quiet", action="store_true")
-    c.set_defaults(func=_run_import)
 
-    c = commands.add_parser(
+    c = command(
+        commands,
         "build",
+        _run_build,
         help="encode images (folders, webdataset tars) into a database",
         description="Encode the center crop of every image, as for test images; resumable.",
     )
@@ -448,18 +445,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--images", nargs="+", required=True, help="image folders or uncompressed .tar shards"
     )
     c.add_argument("--out", required=True, help="new database directory")
-    _backbone_args(c)
+    backbone_args(c)
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     c.add_argument("--batch-size", type=int, default=64, help="images per DataLoader batch")
     c.add_argument("--forward-batch", type=int, default=256, help="images per model forward")
-    c.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help=f"decoding workers (default {DECODE_WORKERS}); with --backend ray: Ray workers, "
-        "one model each (default 1)",
-    )
+    workers_arg(c, "decoding workers")
     c.add_argument(
         "--chunk-size", type=int, default=4096, help="images per resumable chunk (a Ray shard)"
     )
@@ -467,10 +458,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _index_args(c)
     c.add_argument("--quiet", action="store_true")
     backend_args(c)
-    c.set_defaults(func=_run_build)
 
-    c = commands.add_parser(
+    c = command(
+        commands,
         "select",
+        _run_select,
         help="the subset of a corpus for a dataset's classes (by caption or knn)",
         description="Select corpus rows for a set of classes, streaming shard by shard.",
     )
@@ -492,20 +484,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _index_args(c)
     c.add_argument("--quiet", action="store_true")
     backend_args(c, workers=True)
-    c.set_defaults(func=_run_select)
 
-    c = commands.add_parser(
+    c = command(
+        commands,
         "index",
+        _run_index,
         help="(re)build a database's search index and measure its recall",
         description="Replace the index of a database directory ('exact' removes it).",
     )
     c.add_argument("--db", required=True, help="database directory")
     _index_args(c, default=None, required=True)
     c.add_argument("--quiet", action="store_true")
-    c.set_defaults(func=_run_index)
 
-    c = commands.add_parser(
+    c = command(
+        commands,
         "audit",
+        _run_audit,
         help="find test images that are (near-)duplicated in a database",
         description="Cosine similarity of every test image's center crop with every database "
         "row; pairs at or above --threshold are reported per class.",
@@ -518,4 +512,3 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--write-clean", default=None, help="new database without the flagged rows")
     _index_args(c, default=None)
     c.add_argument("--quiet", action="store_true")
-    c.set_defaults(func=_run_audit)

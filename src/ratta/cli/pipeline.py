@@ -1,0 +1,212 @@
+"""``ratta extract``, ``ratta text`` and ``ratta run``: the stages of one dataset, alone or
+chained through the cache (``ratta.extract``, ``ratta.text``, ``ratta.run``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ratta.atomic import write_text_atomic
+from ratta.cli.options import (
+    backbone_args,
+    backbone_spec,
+    backend_args,
+    command,
+    dataset_args,
+    decode_workers,
+    extract_args,
+    model_device,
+    out_quiet_args,
+    pipeline_args,
+    pipeline_backend,
+    ray_backend,
+)
+from ratta.cli.report import format_results, print_encoding_report, print_shards
+from ratta.config import RATTAConfig
+from ratta.resources import keep_freed_memory
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _add_extract(sub)
+    _add_text(sub)
+    _add_run(sub)
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    p = command(
+        sub,
+        "extract",
+        _run_extract,
+        help="encode test images and their random views",
+        description="Write the features file (image, views, labels) of a "
+        "dataset's test split; resumable.",
+    )
+    dataset_args(p)
+    backbone_args(p)
+    extract_args(p)
+    p.add_argument(
+        "--chunk-size", type=int, default=256, help="images per resumable chunk (a Ray shard)"
+    )
+    p.add_argument("--device", default="cpu")
+    out_quiet_args(p, "features .safetensors (summary at OUT.json)")
+    backend_args(p)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from ratta.backbones import load_backbone
+    from ratta.datasets import load_split
+    from ratta.extract import ExtractSettings, extract_features
+
+    settings = ExtractSettings(views=args.views, seed=args.seed, dtype=args.feature_dtype)
+    backend = ray_backend(args, local_workers=True)
+    keep_freed_memory()
+    split = load_split(args.dataset, args.data_root, csv_classes=args.class_names)
+    backbone = load_backbone(backbone_spec(args), model_device(args, backend))
+    summary = extract_features(
+        [p for p, _ in split.items],
+        [y for _, y in split.items],
+        backbone,
+        args.out,
+        settings,
+        batch_size=args.batch_size,
+        forward_batch=args.forward_batch,
+        workers=decode_workers(args, backend),
+        chunk_size=args.chunk_size,
+        metadata={"dataset": args.dataset, "split": split.fingerprint()},
+        progress=not args.quiet,
+        backend=backend,
+    )
+    print(
+        f"{summary['images']} images x (1 + {summary['views']}) crops, "
+        f"{summary['skipped']} skipped, {summary['timings_s']['total']:.1f} s; wrote {args.out}"
+    )
+    print_encoding_report(summary, f"all listed in {args.out}.json")
+    return 0
+
+
+def _add_text(sub: argparse._SubParsersAction) -> None:
+    p = command(
+        sub,
+        "text",
+        _run_text,
+        help="encode the CuPL classifier and description rows",
+        description="Write the text features file of a dataset.",
+    )
+    dataset_args(p)
+    backbone_args(p)
+    p.add_argument(
+        "--descriptions",
+        default="auto",
+        help="CuPL JSON file, or 'auto' for the published file (%(default)s)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="take templates and prefix from this dataset's preset (custom data)",
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="classes without descriptions use the hand templates",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="text .safetensors (summary at OUT.json)")
+
+
+def _run_text(args: argparse.Namespace) -> int:
+    from ratta.adapt import resolve_device
+    from ratta.backbones import load_backbone
+    from ratta.datasets import load_split
+    from ratta.run import dataset_preset, resolve_descriptions
+    from ratta.text import build_text_features
+
+    preset = dataset_preset(args.dataset, args.preset)
+    names = load_split(args.dataset, args.data_root, csv_classes=args.class_names).class_names
+    desc = resolve_descriptions(args.descriptions, preset)
+    backbone = load_backbone(backbone_spec(args), resolve_device(args.device))
+    summary = build_text_features(
+        names,
+        desc,
+        preset.templates,
+        preset.pre,
+        backbone,
+        args.out,
+        allow_missing=args.allow_missing,
+        metadata={"dataset": args.dataset},
+    )
+    print(
+        f"{summary['classes']} classes, {summary['description_rows']} description rows, "
+        f"logit scale {summary['logit_scale']:.2f}; wrote {args.out}"
+    )
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    d = RATTAConfig()
+    p = command(
+        sub,
+        "run",
+        _run_run,
+        help="extract -> text -> adapt for one dataset, cached",
+        description="Run the whole pipeline on a dataset; expensive features are "
+        "cached by content and reused.",
+    )
+    dataset_args(p)
+    backbone_args(p)
+    extract_args(p)
+    p.add_argument("--db", required=True, help="image database: .npy or a database folder")
+    p.add_argument("--descriptions", default="auto", help="CuPL JSON file or 'auto'")
+    p.add_argument("--preset", default=None, help="text preset for custom datasets")
+    p.add_argument("--allow-missing", action="store_true")
+    p.add_argument("--k-d", type=int, default=d.k_d)
+    p.add_argument("--k-s", type=int, default=d.k_s)
+    p.add_argument(
+        "--quantile",
+        type=float,
+        default=None,
+        help="q (default: the dataset preset's, 0.9 for the ImageNet family)",
+    )
+    p.add_argument("--min-desc", type=int, default=d.min_desc)
+    p.add_argument("--adapt-batch-size", type=int, default=256)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    pipeline_args(p, workers=False)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from ratta.extract import ExtractSettings
+    from ratta.run import dataset_preset, run
+
+    keep_freed_memory()
+    quantile = args.quantile
+    if quantile is None:
+        quantile = dataset_preset(args.dataset, args.preset).quantile
+    config = RATTAConfig(k_d=args.k_d, k_s=args.k_s, quantile=quantile, min_desc=args.min_desc)
+    summary = run(
+        args.dataset,
+        args.data_root,
+        args.db,
+        args.out,
+        backbone=backbone_spec(args),
+        settings=ExtractSettings(views=args.views, seed=args.seed, dtype=args.feature_dtype),
+        descriptions=args.descriptions,
+        preset=args.preset,
+        class_names_file=args.class_names,
+        allow_missing=args.allow_missing,
+        config=config,
+        cache=args.cache,
+        batch_size=args.batch_size,
+        forward_batch=args.forward_batch,
+        adapt_batch_size=args.adapt_batch_size,
+        dtype=args.dtype,
+        progress=not args.quiet,
+        **pipeline_backend(args),
+    )
+    table = format_results(summary)
+    write_text_atomic(Path(args.out) / "results.md", f"# {args.dataset}\n\n```\n{table}\n```\n")
+    c = summary["cache"]
+    print(table)
+    print(f"features {'reused' if c['features_reused'] else 'computed'}: {c['features']}")
+    print(f"text {'reused' if c['text_reused'] else 'computed'}: {c['text']}")
+    print_shards(summary)
+    print(f"wrote {Path(args.out) / 'predictions.safetensors'}, results.json and results.md")
+    return 0
