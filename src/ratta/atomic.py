@@ -43,6 +43,18 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def publish(path: Path) -> None:
+    """Give ``path`` (a folder, recursively, or a file) the modes the umask allows.
+
+    Temporary folders and files are created private (0700/0600); a database is meant to
+    be shared like any other output.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def check_output_path(path: str | os.PathLike[str]) -> Path:
     """Fail early, before any work, if ``path`` cannot be written."""
     out = Path(path)

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ratta.atomic import publish
 from ratta.backbones import sha256_file
-from ratta.db.store import BLOCK_ROWS, EXACT, MANIFEST, Database
-from ratta.db.writer import publish
+from ratta.db.store import BLOCK_ROWS, EXACT, MANIFEST, Database, to_gpu
+from ratta.db.store import gpu_available as gpu_available
 from ratta.errors import RattaInputError
 from ratta.files import RattaInputWarning, write_json
 
@@ -60,24 +61,6 @@ class IndexSettings:
             raise RattaInputError(f"--eval-queries must be >= 1, got {self.eval_queries}")
         if self.train_rows < 1:
             raise RattaInputError(f"--train-rows must be >= 1, got {self.train_rows}")
-
-
-def gpu_available() -> bool:
-    import faiss
-
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-
-
-def to_gpu(index: Any) -> Any:
-    """The index on all GPUs when FAISS's GPU build sees any; unchanged otherwise."""
-    import faiss
-
-    if not gpu_available():
-        return index
-    try:
-        return faiss.index_cpu_to_all_gpus(index)
-    except RuntimeError:  # not every index type has a GPU implementation (HNSW has none)
-        return index
 
 
 def exact_search(

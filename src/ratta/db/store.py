@@ -248,9 +248,25 @@ class Database:
         if info.get("search_params"):
             faiss.ParameterSpace().set_index_parameters(index, info["search_params"])
         if device is not None and device.type == "cuda":
-            from ratta.db.index import to_gpu
-
             index = to_gpu(index)
+        return index
+
+
+def gpu_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def to_gpu(index: Any) -> Any:
+    """The index on all GPUs when FAISS's GPU build sees any; unchanged otherwise."""
+    import faiss
+
+    if not gpu_available():
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError:  # not every index type has a GPU implementation (HNSW has none)
         return index
 
 

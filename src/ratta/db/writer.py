@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from ratta import __version__
+from ratta.atomic import publish
 from ratta.backbones import sha256_file
+from ratta.db.index import IndexSettings, build_index
 from ratta.db.store import EXACT, MANIFEST, METADATA, SHARD_DIR, Database, Manifest, ShardInfo
 from ratta.errors import RattaInputError
 from ratta.files import NORM_TOL, readonly_tensor, warn_renormalised, write_json
@@ -30,7 +32,6 @@ from ratta.files import NORM_TOL, readonly_tensor, warn_renormalised, write_json
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from ratta.db.index import IndexSettings
 
 DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 SHARD_ROWS = 1 << 20
@@ -262,8 +263,6 @@ class DatabaseWriter:
             )
             write_json(self.tmp / MANIFEST, manifest.to_dict())
             if index is not None and index.spec != EXACT:
-                from ratta.db.index import build_index
-
                 manifest.index = build_index(
                     Database(self.tmp), index, queries=queries, progress=progress
                 )
@@ -277,15 +276,3 @@ class DatabaseWriter:
             raise
         self._done = True
         return manifest
-
-
-def publish(path: Path) -> None:
-    """Give ``path`` (a folder, recursively, or a file) the modes the umask allows.
-
-    Temporary folders and files are created private (0700/0600); a database is meant to
-    be shared like any other output.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
