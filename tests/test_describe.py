@@ -31,6 +31,8 @@ from ratta.describe import (
     describe,
     read_class_names,
 )
+from ratta.describe.client import ChatClient
+from ratta.describe.state import PartialFile
 from ratta.errors import RattaInputError
 from ratta.presets import PRESETS, get_preset
 
@@ -287,6 +289,39 @@ def test_llm_model_is_required_without_templates_only(tmp_path: Path, capsys) ->
 
 
 # --------------------------------------------------------------------------- LLM mode
+
+
+def test_the_client_alone_returns_the_answers_of_one_request(llm: FakeLLM) -> None:
+    client = ChatClient(
+        url=f"{llm.url}/chat/completions",
+        host="127.0.0.1",
+        model="fake-model",
+        system="Describe.",
+        temperature=0.5,
+        max_tokens=20,
+        key=KEY,
+        timeout=5.0,
+        max_retries=0,
+        backoff=0.001,
+    )
+    answers = client.sample("What does a class-03 look like?", 3, seed=7)
+    assert len(answers) == 3 and all(
+        a.startswith(f"{i + 1}. **class-03**") for i, a in enumerate(answers)
+    )
+    assert [(r.n, r.seed, r.outcome) for r in llm.asked()] == [(3, 7, "ok")]
+    assert (client.requests, client.retries) == (1, 0)
+
+
+def test_the_state_file_alone_keeps_whole_lines_of_the_same_settings(tmp_path: Path) -> None:
+    path = tmp_path / "d.json.partial.jsonl"
+    assert PartialFile(path, {"temperature": 0.9}).load() == {}
+    PartialFile(path, {"temperature": 0.9}).append("class-00", ["A round shape."])
+    with path.open("a") as fh:  # a kill in the middle of a write
+        fh.write('{"class": "class-01", "answ')
+    assert PartialFile(path, {"temperature": 0.9}).load() == {"class-00": ["A round shape."]}
+    assert path.read_text().count("\n") == 2  # the cut line is gone
+    with pytest.raises(RattaInputError, match=r"other settings \(temperature\)"):
+        PartialFile(path, {"temperature": 0.5}).load()
 
 
 def test_thirty_classes_survive_429s_and_timeouts(llm: FakeLLM, api_key, tmp_path) -> None:

@@ -1,0 +1,53 @@
+"""Class descriptions for any label set: ``ratta describe`` (class names -> CuPL JSON).
+
+Each class is asked a few question prompts (chosen by the kind of label set) through an
+OpenAI-compatible chat-completions endpoint, ``per_prompt`` sampled answers per prompt. The
+answers are cleaned (:func:`clean_answers`) and written as a CuPL JSON, ``{class name: [sentence,
+...]}`` in input order, with a manifest at ``<out>.manifest.json``. Finished classes are
+appended to ``<out>.partial.jsonl`` so that an interrupted run resumes where it stopped.
+
+Without an LLM (``templates``), every class gets hand templates filled with its name.
+
+Modules, each usable alone:
+
+- ``prompts``: the question prompts, hand templates and system message (data);
+- ``cleaning``: an answer -> one plain sentence;
+- ``client``: the chat-completions endpoint (HTTP, retries, one-line errors);
+- ``state``: the resumable ``<out>.partial.jsonl``;
+- ``loop``: :func:`describe`, which asks, cleans, records and writes.
+"""
+
+from ratta.describe.cleaning import MIN_WORDS, clean_answer, clean_answers
+from ratta.describe.client import (
+    DEFAULT_LLM_URL,
+    KEY_ENV,
+    MAX_BACKOFF_S,
+    MAX_RETRY_AFTER_S,
+    LLMEndpointError,
+)
+from ratta.describe.loop import describe, read_class_names
+from ratta.describe.prompts import (
+    GENERIC_TEMPLATES,
+    KINDS,
+    QUESTION_PROMPTS,
+    SYSTEM_PROMPT,
+    TEMPLATES_ONLY_NOTE,
+)
+
+__all__ = [
+    "DEFAULT_LLM_URL",
+    "GENERIC_TEMPLATES",
+    "KEY_ENV",
+    "KINDS",
+    "MAX_BACKOFF_S",
+    "MAX_RETRY_AFTER_S",
+    "MIN_WORDS",
+    "QUESTION_PROMPTS",
+    "SYSTEM_PROMPT",
+    "TEMPLATES_ONLY_NOTE",
+    "LLMEndpointError",
+    "clean_answer",
+    "clean_answers",
+    "describe",
+    "read_class_names",
+]
