@@ -1,0 +1,91 @@
+"""The features file: ``image`` [N, d], ``views`` [N, V, d] (float16/float32), optional
+``labels`` [N] int64; read lazily, batch by batch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ratta.errors import RattaInputError
+from ratta.files.checks import EMBED_DTYPES, check_embeddings, warn_renormalised
+from ratta.files.safetensors_io import expect_layout, key_layout, open_safetensors, save_safetensors
+
+
+def save_features(
+    path: str | os.PathLike[str],
+    image: Tensor,
+    views: Tensor,
+    labels: Tensor | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    tensors = {"image": image, "views": views}
+    if labels is not None:
+        tensors["labels"] = labels.to(torch.int64)
+    save_safetensors(path, tensors, metadata)
+
+
+class FeatureReader:
+    """Lazy reader of a features file: shapes are checked on open, values per batch."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._file = open_safetensors(self.path)
+        keys = set(self._file.keys())
+        img_shape, img_dtype = key_layout(self._file, self.path, "image", keys)
+        expect_layout(self.path, "image", img_shape, img_dtype, 2, EMBED_DTYPES, "[N, d]")
+        view_shape, view_dtype = key_layout(self._file, self.path, "views", keys)
+        expect_layout(self.path, "views", view_shape, view_dtype, 3, EMBED_DTYPES, "[N, V, d]")
+        self.num_images, self.dim = img_shape
+        if view_shape[0] != self.num_images or view_shape[2] != self.dim:
+            raise RattaInputError(
+                f"{self.path}: key 'views' has shape {tuple(view_shape)}, "
+                f"expected [{self.num_images}, V, {self.dim}] to match 'image'"
+            )
+        if self.num_images == 0:
+            raise RattaInputError(f"{self.path}: key 'image' holds no test images")
+        self.num_views = view_shape[1]
+        self.renormalised = {"image": 0, "views": 0}
+        self.labels: Tensor | None = None
+        if "labels" in keys:
+            shape, dtype = key_layout(self._file, self.path, "labels", keys)
+            expect_layout(self.path, "labels", shape, dtype, 1, (torch.int64,), "[N]")
+            if shape[0] != self.num_images:
+                raise RattaInputError(
+                    f"{self.path}: key 'labels' has {shape[0]} entries for {self.num_images} images"
+                )
+            self.labels = self._file.get_tensor("labels")
+
+    def check_labels(self, num_classes: int) -> None:
+        if self.labels is not None and self.labels.numel():
+            lo, hi = int(self.labels.min()), int(self.labels.max())
+            if lo < 0 or hi >= num_classes:
+                raise RattaInputError(
+                    f"{self.path}: key 'labels' has values outside [0, {num_classes - 1}] "
+                    f"(min {lo}, max {hi})"
+                )
+
+    def batch(self, start: int, stop: int, views: int | None = None) -> Tensor:
+        """Validated test embeddings [b, 1 + V', d] of images start..stop-1 (x_0 first).
+
+        ``views`` keeps only the first V' stored views (all by default): the views are i.i.d.,
+        so their prefix is a smaller sample of the same kind.
+        """
+        image = self._file.get_slice("image")[start:stop]
+        keep = self.num_views if views is None else views
+        views = self._file.get_slice("views")[start:stop, :keep]
+        image, fixed_image = check_embeddings(image, self.path, "image", start)
+        views, fixed_views = check_embeddings(views, self.path, "views", start)
+        self.renormalised["image"] += fixed_image
+        self.renormalised["views"] += fixed_views
+        return torch.cat([image.unsqueeze(1), views.to(image.dtype)], dim=1)
+
+    def warn_renormalised(self) -> None:
+        """Report (once) how many vectors the batches read so far had to re-normalise."""
+        for key, count in self.renormalised.items():
+            warn_renormalised(self.path, key, count)
+
+    def close(self) -> None:
+        self._file.__exit__(None, None, None)
