@@ -36,8 +36,13 @@ CUSTOM_PRESET = "caltech101"
 TEXT_FORMAT = 2
 
 
-def _key(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+def _cached(root: Path, stage: str, payload: dict[str, Any]) -> tuple[Path, bool]:
+    """The cache file of ``stage`` for the inputs ``payload`` (named by their hash), and
+    whether it exists; its folder is created."""
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    path = root / stage / f"{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, path.is_file()
 
 
 def dataset_preset(dataset: str, preset: str | None = None) -> DatasetPreset:
@@ -114,7 +119,9 @@ def run(
     lazy = _LazyBackbone(spec, "cpu" if backend is not None else device)
     started = time.perf_counter()
 
-    feat_key = _key(
+    features, feat_hit = _cached(
+        root,
+        "features",
         {
             "backbone": bb_fp,
             "views": settings.views,
@@ -122,12 +129,9 @@ def run(
             "dtype": settings.dtype,
             "split": split.fingerprint(),
             "dataset": dataset,
-        }
+        },
     )
-    features = root / "features" / f"{feat_key}.safetensors"
-    feat_hit = features.is_file()
     if not feat_hit:
-        features.parent.mkdir(parents=True, exist_ok=True)
         extract_features(
             [p for p, _ in split.items],
             [y for _, y in split.items],
@@ -143,7 +147,9 @@ def run(
         )
 
     desc_hash = hashlib.sha256(desc_path.read_bytes()).hexdigest()
-    text_key = _key(
+    text, text_hit = _cached(
+        root,
+        "text",
         {
             "backbone": bb_fp,
             "classes": split.class_names,
@@ -151,12 +157,9 @@ def run(
             "pre": pre.pre,
             "descriptions": desc_hash,
             "allow_missing": allow_missing,
-        }
+        },
     )
-    text = root / "text" / f"{text_key}.safetensors"
-    text_hit = text.is_file()
     if not text_hit:
-        text.parent.mkdir(parents=True, exist_ok=True)
         build_text_features(
             split.class_names,
             desc_path,

@@ -243,6 +243,19 @@ def _dtype(sources: Sequence[Source]) -> str:
     return default_dtype(sources)
 
 
+def _selection_writer(
+    out: str | os.PathLike[str], sources: Sequence[Source], backbone: dict[str, Any] | None
+) -> DatabaseWriter:
+    """The writer of a selection: the corpus's dimension and dtype, plus a classes column."""
+    return DatabaseWriter(
+        out,
+        dim=sources[0].dim,
+        dtype=_dtype(sources),
+        classes=True,
+        backbone=backbone or common_backbone(sources),
+    )
+
+
 def select_by_caption(
     corpus: Sequence[str | os.PathLike[str]],
     class_names: Sequence[str],
@@ -266,13 +279,7 @@ def select_by_caption(
     phrases = [[n, *(synonyms[i] if synonyms else ())] for i, n in enumerate(class_names)]
     matcher = CaptionMatcher(phrases)
     sources = _open_corpus(corpus)
-    with DatabaseWriter(
-        out,
-        dim=sources[0].dim,
-        dtype=_dtype(sources),
-        classes=True,
-        backbone=backbone or common_backbone(sources),
-    ) as writer:
+    with _selection_writer(out, sources, backbone) as writer:
         sel = _Selection(writer, len(class_names))
         captioned = 0
         shards: dict[str, Any] | None = None
@@ -415,13 +422,7 @@ def select_by_knn(
     rows, first = np.unique(flat, return_index=True)
     class_sets = [sorted(set(c.tolist())) for c in np.split(owners, first[1:])]
 
-    with DatabaseWriter(
-        out,
-        dim=dim,
-        dtype=_dtype(sources),
-        classes=True,
-        backbone=backbone or common_backbone(sources),
-    ) as writer:
+    with _selection_writer(out, sources, backbone) as writer:
         sel = _Selection(writer, len(class_names))
         start = 0
         for source in sources:
