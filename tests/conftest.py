@@ -12,6 +12,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ratta.synthetic import SyntheticWorld, make_world
 
 
+@pytest.fixture(autouse=True)
+def _tracebacks(monkeypatch) -> None:
+    """Tests see an unexpected exception itself, not the command line's last-resort line:
+    every error a test expects must be a deliberate one-line error."""
+    monkeypatch.setenv("RATTA_TRACEBACK", "1")
+
+
 @pytest.fixture(scope="session")
 def world() -> SyntheticWorld:
     return make_world(

@@ -146,7 +146,9 @@ def test_resume_refuses_other_settings(tiny_backbone, images, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         run(tiny_backbone, images, out, chunk_size=2)
     monkeypatch.undo()
-    with pytest.raises(RattaInputError, match="other settings"):
+    with pytest.raises(
+        RattaInputError, match=r"other inputs or settings is there \(changed: seed\)"
+    ):
         run(tiny_backbone, images, out, chunk_size=2, seed=4)
 
 

@@ -31,13 +31,13 @@ from ratta.errors import RattaInputError
 from ratta.files import (
     FeatureReader,
     TextFeatures,
-    check_output_path,
     load_text,
     save_safetensors,
     write_json,
 )
+from ratta.guard import Read, Write, guarded, output_files
 from ratta.metrics import topk_accuracy
-from ratta.resources import peak_rss_mb
+from ratta.resources import available_memory, gib, peak_rss_mb
 from ratta.retrieval import ExactRetriever, FaissRetriever
 
 if TYPE_CHECKING:
@@ -168,6 +168,26 @@ def _load_search(inp: _Inputs, dev: torch.device, work: torch.dtype, search: str
     )
 
 
+def check_batch_memory(
+    reader: FeatureReader, views: int | None, batch_size: int, work: torch.dtype
+) -> None:
+    """Refuse a batch whose test embeddings cannot fit in the available memory.
+
+    A batch holds its [b, V+1, d] embeddings as read (up to float32) and in the working
+    dtype; the engine's own blocks are bounded separately.
+    """
+    available = available_memory()
+    b = min(batch_size, reader.num_images)
+    crops = 1 + (reader.num_views if views is None else views)
+    need = b * crops * reader.dim * (4 + torch.empty(0, dtype=work).element_size())
+    if available is not None and need > available:
+        raise RattaInputError(
+            f"--batch-size {batch_size}: {b} test images x {crops} embeddings x {reader.dim} "
+            f"need about {gib(need)} of memory, but {gib(available)} is available; "
+            "lower --batch-size"
+        )
+
+
 def _adapt_range(
     inp: _Inputs,
     s: _Search,
@@ -222,6 +242,18 @@ class RangeAdapter:
         return {"outputs": outputs, "renormalised": renormalised, "timings": timings}
 
 
+def _plan(
+    features: str | os.PathLike[str],
+    text: str | os.PathLike[str],
+    db: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    **_: Any,
+) -> tuple[list[Write], list[Read]]:
+    reads = Read.of(features, "--features") + Read.of(text, "--text") + Read.of(db, "--db")
+    return output_files(out), reads
+
+
+@guarded(_plan)
 def adapt(
     features: str | os.PathLike[str],
     text: str | os.PathLike[str],
@@ -261,7 +293,7 @@ def adapt(
     else:
         dev = resolve_device(device)
     work = DTYPES[dtype]
-    out_path = check_output_path(out)
+    out_path = Path(out)
     timer = StageTimer(dev if backend is None else torch.device("cpu"))
     t_start = time.perf_counter()
 
@@ -269,6 +301,8 @@ def adapt(
         inp = _open_inputs(features, text, db, search, views)
     txt, reader = inp.txt, inp.reader
     n = reader.num_images
+    if backend is None:
+        check_batch_memory(reader, inp.views, batch_size, work)
     spans = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
     shards: dict[str, Any] | None = None
     if backend is not None:

@@ -15,8 +15,20 @@ from typing import Any
 
 from ratta.errors import RattaInputError
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), so that
+    threads never see a temporarily different one."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 @contextlib.contextmanager
@@ -25,9 +37,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output private
     try:
         yield Path(tmp)
+        # after the writer: mkstemp, and writers that recreate the file (safetensors), leave
+        # it 0600, which would make every output private
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -49,8 +63,7 @@ def publish(path: Path) -> None:
     Temporary folders and files are created private (0700/0600); a database is meant to
     be shared like any other output.
     """
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 

@@ -7,6 +7,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import threading
+import urllib.parse
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ratta.errors import RattaInputError
+from ratta.guard import Read
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -50,6 +54,11 @@ class BackboneSpec:
     pretrained: str | None = "openai"
     model_config: str | None = None
     precision: str = "fp32"
+
+    def reads(self) -> list[Read]:
+        """The local files this backbone is built from (inputs no output may replace)."""
+        checkpoint = self.pretrained if self.pretrained and Path(self.pretrained).exists() else None
+        return [*Read.of(checkpoint, "--pretrained"), *Read.of(self.model_config, "--model-config")]
 
 
 def sha256_file(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
@@ -116,9 +125,34 @@ def resolve_model_name(spec: BackboneSpec) -> str:
     return name
 
 
-def backbone_fingerprint(spec: BackboneSpec) -> dict[str, Any]:
-    """What identifies the weights: architecture (and config content) plus tag or file hash."""
-    fp: dict[str, Any] = {"model": resolve_model_name(spec), "precision": spec.precision}
+def check_precision(spec: BackboneSpec, device: str | torch.device) -> None:
+    """Refuse a precision that would not be what runs: autocast applies on CUDA only."""
+    if spec.precision not in PRECISIONS:
+        raise RattaInputError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if spec.precision != "fp32" and torch.device(device).type != "cuda":
+        raise RattaInputError(
+            f"--precision {spec.precision}: autocast applies on CUDA only, so on "
+            f"{torch.device(device).type} the model would run in fp32; use --precision fp32 "
+            "(or --device cuda)"
+        )
+
+
+def embed_dim(spec: BackboneSpec) -> int | None:
+    """The embedding dimension of the architecture, read from its config (no weights)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(resolve_model_name(spec))
+    return int(cfg["embed_dim"]) if cfg and "embed_dim" in cfg else None
+
+
+def backbone_fingerprint(spec: BackboneSpec, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What identifies the embeddings a backbone computes: architecture (and config
+    content), tag or file hash, the precision that actually runs (autocast applies on CUDA
+    only) and the kind of device (CPU and GPU kernels round differently)."""
+    kind = torch.device(device).type
+    precision = spec.precision if kind == "cuda" else "fp32"
+    fp: dict[str, Any] = {"model": resolve_model_name(spec), "precision": precision}
+    fp["device"] = kind
     if spec.model_config:
         fp["model_config_sha256"] = cached_file_hash(spec.model_config)
     if spec.pretrained and Path(spec.pretrained).is_file():
@@ -170,6 +204,61 @@ class Backbone:
         return torch.cat(out).cpu() if out else torch.empty(0)
 
 
+def _local_weights(name: str, tag: str) -> str:
+    """The cached file of a weight tag, so that loading needs no network (open_clip would
+    ask the hub first, and retry for ~50 s when offline); else the tag itself, after
+    checking within seconds that the hub can be reached."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    hub, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+    if hub:
+        repo, filename = os.path.split(hub)
+        filename = filename or open_clip.pretrained.HF_WEIGHTS_NAME
+        stem = filename.rsplit(".", 1)[0]
+        for candidate in (f"{stem}.safetensors", "open_clip_model.safetensors", filename):
+            found = try_to_load_from_cache(repo, candidate)
+            if isinstance(found, str):
+                return found
+        host = "huggingface.co"
+    elif url:
+        cached = Path.home() / ".cache" / "clip" / os.path.basename(url)
+        if cached.is_file():
+            return str(cached)
+        host = urllib.parse.urlsplit(url).hostname or ""
+    else:
+        return tag
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        why = "HF_HUB_OFFLINE=1 is set"
+    elif not _reachable(host):
+        why = f"{host} cannot be reached (offline?)"
+    else:
+        return tag
+    raise RattaInputError(
+        f"--pretrained {tag}: the {name} weights are not cached and {why}: download them "
+        "once on a connected machine, or pass --pretrained PATH to a local checkpoint"
+    )
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (DNS included,
+    which has no timeout of its own: it runs in a daemon thread)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
 @contextlib.contextmanager
 def _quiet_logging() -> Iterator[None]:
     """open_clip logs its failures on the root logger; ours is the one error line."""
@@ -184,17 +273,24 @@ def _quiet_logging() -> Iterator[None]:
         logging.disable(previous)
 
 
-def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Backbone:
+def load_backbone(
+    spec: BackboneSpec,
+    device: str | torch.device = "cpu",
+    *,
+    runs_on: str | torch.device | None = None,
+) -> Backbone:
     """Build the model of ``spec`` on ``device`` (open_clip's normal download and cache for tags).
 
     A local checkpoint never touches the network. Failure to obtain weights (unknown tag,
-    offline without a cached copy) is one ``RattaInputError`` line.
+    offline without a cached copy) is one ``RattaInputError`` line. ``runs_on``: the device
+    that will encode, when it is not ``device`` (Ray workers get a copy of a model loaded
+    on the driver's CPU); it is the device of the fingerprint.
     """
     import open_clip
 
-    if spec.precision not in PRECISIONS:
-        raise RattaInputError(f"--precision must be one of {', '.join(PRECISIONS)}")
     dev = torch.device(device)
+    encoder = torch.device(runs_on) if runs_on is not None else dev
+    check_precision(spec, encoder)
     name = resolve_model_name(spec)
     kwargs: dict[str, Any] = {}
     pretrained = spec.pretrained
@@ -211,6 +307,7 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Bac
             )
         if open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"):
             kwargs["force_quick_gelu"] = True
+        pretrained = _local_weights(name, pretrained)
     try:
         with _quiet_logging():
             model = open_clip.create_model(
@@ -234,7 +331,7 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Bac
         std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
         interpolation=str(cfg.get("interpolation", "bicubic")),
     )
-    fp = backbone_fingerprint(spec)
+    fp = backbone_fingerprint(spec, encoder)
     fp["preprocessing"] = asdict(pre)
     return Backbone(
         model=model,

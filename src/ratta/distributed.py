@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ratta.atomic import write_json
 from ratta.errors import RattaInputError
+from ratta.identity import changes
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -141,10 +142,13 @@ class ShardStore:
         folder.mkdir(exist_ok=True)
         ident = folder / "settings.json"
         if ident.exists():
-            if json.loads(ident.read_text()) != json.loads(json.dumps(identity)):
+            old = json.loads(ident.read_text())
+            if old != json.loads(json.dumps(identity)):
+                changed = ", ".join(changes(old, identity)[:4])
                 raise RattaInputError(
-                    f"{folder}: an unfinished {what} with other settings is there; rerun with "
-                    "the same settings to resume it, or delete the folder"
+                    f"{folder}: an unfinished {what} with other inputs or settings is there "
+                    f"(changed: {changed}); rerun with the same ones to resume it, or delete "
+                    "the folder"
                 )
         else:
             write_json(ident, identity)

@@ -192,7 +192,9 @@ def select_candidates(
     counts = torch.zeros(bsz, num_classes, dtype=torch.int64, device=scores.device)
     counts.scatter_add_(1, top_cls, torch.ones_like(top_cls))
     survive = counts >= min_desc
-    slots = max(1, k_d // min_desc)
+    # at most floor(K / min_desc) classes can own min_desc of the K top rows, and at most C
+    # exist: a huge K_D must not allocate slots no class can fill
+    slots = max(1, min(k // min_desc, num_classes))
     slot_of = survive.cumsum(1) - 1  # position of each surviving class within its row
     rows, cls = survive.nonzero(as_tuple=True)
     classes = torch.full((bsz, slots), -1, dtype=torch.int64, device=scores.device)

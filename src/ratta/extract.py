@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,23 +30,26 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ratta import __version__
-from ratta.backbones import Backbone, Preprocessing
+from ratta.backbones import Backbone, Preprocessing, embed_dim
 from ratta.distributed import ShardReport, ShardStore
 from ratta.errors import RattaInputError
 from ratta.files import (
+    RattaInputWarning,
     SafetensorsStreamWriter,
     atomic_path,
-    check_output_path,
     save_safetensors,
     write_json,
 )
-from ratta.resources import peak_rss_mb
+from ratta.guard import Read, Write, guarded, output_files
+from ratta.identity import files_stamp
+from ratta.resources import available_memory, cpu_count, gib, peak_rss_mb
 from ratta.views import crops, normalise
 
 if TYPE_CHECKING:
     from ratta.distributed import RayBackend
 
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_PREFETCH = 4  # DataLoader batches each decoding worker prepares ahead
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ def encode_chunks(
         collate_fn=_collate,
         pin_memory=backbone.device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=_PREFETCH if workers else None,
         multiprocessing_context=context if workers else None,
     )
     out_dtype = FEATURE_DTYPES[settings.dtype]
@@ -258,6 +262,18 @@ def _decoder_context() -> Any:
     return context
 
 
+def _plan(
+    paths: Sequence[Path | Any],
+    backbone: Backbone,
+    out: str | os.PathLike[str],
+    reads: Sequence[Read],
+    **_: Any,
+) -> tuple[list[Write], list[Read]]:
+    images = [Read(Path(p), "image") for p in paths if isinstance(p, str | os.PathLike)]
+    return output_files(out), [*images, *backbone.spec.reads(), *reads]
+
+
+@guarded(_plan)
 def extract_features(
     paths: Sequence[Path | Any],
     labels: Sequence[int] | None,
@@ -272,6 +288,7 @@ def extract_features(
     metadata: dict[str, Any] | None = None,
     progress: bool = False,
     backend: RayBackend | None = None,
+    reads: Sequence[Read] = (),
 ) -> dict[str, Any]:
     """Encode every image and its views into the features file ``out`` (+ ``out.json``).
 
@@ -291,6 +308,8 @@ def extract_features(
         backend: ``None`` to encode here, or a :class:`RayBackend`: chunks are encoded by
             Ray workers (each with its own copy of ``backbone``, on ``backend.device``) and
             written here, byte for byte as a local run writes them.
+        reads: further inputs that no output may replace (the split file, the data root);
+            the images and the backbone's files are always protected.
 
     Unreadable images are skipped and listed in the summary (``skipped``). The summary's
     ``shards`` says how many chunks were encoded, skipped (finished earlier), retried.
@@ -307,7 +326,10 @@ def extract_features(
         raise RattaInputError(f"--workers must be >= 0, got {workers}")
     if not paths:
         raise RattaInputError("the split has no images")
-    out_path = check_output_path(out)
+    if backend is None:
+        workers = cap_workers(workers)
+        check_memory(settings, backbone, batch_size, forward_batch, workers, chunk_size)
+    out_path = Path(out)
     n = len(paths)
     identity = {
         "ratta_version": __version__,
@@ -321,7 +343,9 @@ def extract_features(
         "source": metadata or {},
         "paths_labels": _digest(paths, labels),
     }
-    store = ShardStore(Path(f"{out_path}.parts"), identity, "extraction")
+    # chunks are resumed only over the same image files: a repaired image re-encodes
+    stamps = files_stamp(p for p in paths if isinstance(p, str | os.PathLike))
+    store = ShardStore(Path(f"{out_path}.parts"), {**identity, "files": stamps}, "extraction")
     num_chunks = (n + chunk_size - 1) // chunk_size
     todo = [
         Chunk(k, k * chunk_size, paths[k * chunk_size : (k + 1) * chunk_size])
@@ -383,6 +407,55 @@ def extract_features(
     write_json(Path(f"{out_path}.json"), summary)
     store.remove()
     return summary
+
+
+def cap_workers(workers: int) -> int:
+    """Decoding processes beyond the CPUs only compete with the encoder: cap them, with a
+    warning saying so."""
+    cpus = cpu_count()
+    if workers > cpus:
+        warnings.warn(
+            f"--workers {workers} is more than the {cpus} CPUs; using {cpus}",
+            RattaInputWarning,
+            stacklevel=3,
+        )
+        return cpus
+    return workers
+
+
+def check_memory(
+    settings: ExtractSettings,
+    backbone: Backbone,
+    batch_size: int,
+    forward_batch: int,
+    workers: int,
+    chunk_size: int,
+) -> None:
+    """Refuse, before any work, settings whose buffers cannot fit in the available memory.
+
+    Estimate: decoded uint8 crops of the images in flight (DataLoader batches prefetched by
+    every worker, and the batch being encoded), a forward batch of float32 pixels, and one
+    chunk of features as float32 before storage. The model's own activations come on top.
+    """
+    available = available_memory()
+    if available is None:
+        return
+    crops = 1 + settings.views
+    pixels = 3 * backbone.preprocessing.size**2
+    in_flight = batch_size * (max(1, workers) * _PREFETCH + 1) + max(1, forward_batch // crops)
+    dim = embed_dim(backbone.spec) or 1024
+    need = (
+        in_flight * crops * pixels
+        + max(forward_batch, crops) * pixels * 4
+        + chunk_size * crops * dim * 4
+    )
+    if need > available:
+        raise RattaInputError(
+            f"--views {settings.views} with --batch-size {batch_size}, --workers {workers}, "
+            f"--forward-batch {forward_batch} and --chunk-size {chunk_size} needs about "
+            f"{gib(need)} of memory for its buffers, but {gib(available)} is available; "
+            "lower --views, --batch-size, --workers or --chunk-size"
+        )
 
 
 def _digest(paths: Sequence[Path], labels: Sequence[int] | None) -> str:

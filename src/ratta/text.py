@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from ratta.backbones import Backbone
 from ratta.errors import RattaInputError
-from ratta.files import TextFeatures, atomic_path, check_output_path, save_text, write_json
+from ratta.files import TextFeatures, atomic_path, save_text, write_json
+from ratta.guard import Read, Write, guarded, output_files
 
 # The reference repository's published CuPL files: <base>/CuPL_prompts_<stem>.json
 DESCRIPTIONS_URL = "https://raw.githubusercontent.com/kaist-dmlab/RA-TTA/main/descriptions"
@@ -182,6 +183,18 @@ def baseline_classifiers(
     return {"single_template": single, "template_ensemble": ensemble}
 
 
+def _plan(
+    descriptions_file: str | os.PathLike[str],
+    backbone: Backbone,
+    out: str | os.PathLike[str],
+    reads: Sequence[Read],
+    **_: Any,
+) -> tuple[list[Write], list[Read]]:
+    inputs = Read.of(descriptions_file, "--descriptions") + backbone.spec.reads()
+    return output_files(out)[:2], [*inputs, *reads]
+
+
+@guarded(_plan)
 def build_text_features(
     class_names: Sequence[str],
     descriptions_file: str | os.PathLike[str],
@@ -192,9 +205,13 @@ def build_text_features(
     *,
     allow_missing: bool = False,
     metadata: dict[str, Any] | None = None,
+    reads: Sequence[Read] = (),
 ) -> dict[str, Any]:
-    """Write the text features file ``out`` (and ``out.json``); returns the summary."""
-    out_path = check_output_path(out)
+    """Write the text features file ``out`` (and ``out.json``); returns the summary.
+
+    ``reads``: further inputs no output may replace (the files the class names came from).
+    """
+    out_path = Path(out)
     descriptions = load_descriptions(descriptions_file)
     per_class, missing = match_descriptions(
         class_names, descriptions, str(descriptions_file), allow_missing

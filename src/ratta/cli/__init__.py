@@ -12,6 +12,7 @@ imports no torch: the runners import the stages when they run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -57,3 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except OSError as exc:  # the disk filled up, a folder vanished or turned read-only
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ratta: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if os.environ.get("RATTA_TRACEBACK"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"ratta: error: unexpected {type(exc).__name__}: {first} (a bug in ratta; "
+            "RATTA_TRACEBACK=1 shows where it happened)",
+            file=sys.stderr,
+        )
+        return 1

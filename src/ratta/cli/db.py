@@ -93,14 +93,20 @@ def _print_written(manifest: Any, out: str) -> None:
     print(format_index(manifest.index))
 
 
+_MEASURED = ("recall_at_20", "top1_agreement", "eval_queries", "ms_per_query")
+_MEASURED += ("exact_ms_per_query", "build_s")
+
+
 def format_index(index: dict[str, Any]) -> str:
     if index.get("spec", "exact") == "exact":
         return "index: exact (every row scanned at search time)"
     params = f" {index['search_params']}" if index.get("search_params") else ""
+    if not all(isinstance(index.get(k), int | float) for k in _MEASURED):
+        return f"index: {index['spec']}{params}: no recall measurements in the manifest"
     return (
         f"index: {index['spec']}{params}: recall@20 {index['recall_at_20']:.4f}, top-1 "
         f"agreement {index['top1_agreement']:.4f} on {index['eval_queries']} queries "
-        f"({index['query_source']}); {index['ms_per_query']:.3f} ms/query vs exact "
+        f"({index.get('query_source', '?')}); {index['ms_per_query']:.3f} ms/query vs exact "
         f"{index['exact_ms_per_query']:.3f}; built in {index['build_s']:.1f} s"
         + (" on GPU" if index.get("gpu") else "")
     )
@@ -138,8 +144,7 @@ def format_info(path: str, manifest: Any) -> str:
     ]
     prov = m.provenance
     lines.append(
-        f"provenance {prov.get('operation', '?')} on {prov.get('created', '?')} "
-        f"(ratta {prov.get('ratta_version', '?')})"
+        f"provenance {prov.get('operation', '?')} (ratta {prov.get('ratta_version', '?')})"
     )
     for src in prov.get("sources", []):
         hashed = "hashed" if any(k.endswith("sha256") for k in src) else "not hashed"
@@ -364,28 +369,22 @@ def format_audit(report: Any) -> str:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    from ratta.db.audit import find_duplicates, write_clean
-    from ratta.db.writer import check_new_dir
-    from ratta.files import write_json
+    from ratta.db.audit import audit
 
-    if args.write_clean:
-        check_new_dir(args.write_clean, "--write-clean")
-    report = find_duplicates(
-        args.db, args.features, args.threshold, text=args.text, progress=not args.quiet
+    report, manifest = audit(
+        args.db,
+        args.features,
+        args.threshold,
+        text=args.text,
+        report=args.report,
+        clean=args.write_clean,
+        index=_index_settings(args),
+        progress=not args.quiet,
     )
     print(format_audit(report))
     if args.report:
-        write_json(args.report, report.to_dict())
         print(f"wrote {args.report}")
-    if args.write_clean:
-        manifest = write_clean(
-            args.db,
-            report,
-            args.write_clean,
-            features=args.features,
-            index=_index_settings(args),
-            progress=not args.quiet,
-        )
+    if manifest is not None:
         print(f"clean copy without the {report.flagged_rows.size:,} flagged rows:")
         _print_written(manifest, args.write_clean)
     return 0

@@ -63,17 +63,26 @@ def class_folders(folder: Path) -> list[str]:
     return [e.name for e in _visible(folder) if e.is_dir()]
 
 
-def files_below(folder: Path) -> list[Path]:
+def files_below(folder: Path, _above: frozenset[tuple[int, int]] = frozenset()) -> list[Path]:
     """Every non-hidden file below ``folder``, depth first in name order.
 
     No extension filter: anything that is not a folder is kept (a broken link too, so that
-    ``check`` counts it as missing rather than the split silently shrinking).
+    ``check`` counts it as missing rather than the split silently shrinking). Folder links
+    are followed; one that leads back to a folder above it is an error, not a loop.
     """
+    try:
+        st = folder.stat()
+    except OSError as exc:
+        raise RattaInputError(f"{folder}: cannot list ({exc.strerror})") from None
+    here = (st.st_dev, st.st_ino)
+    if here in _above:
+        raise RattaInputError(f"{folder}: a folder link that loops back to a folder above it")
+    above = _above | {here}
     out: list[Path] = []
     for entry in _visible(folder):
         path = folder / entry.name
         if entry.is_dir():
-            out.extend(files_below(path))
+            out.extend(files_below(path, above))
         else:
             out.append(path)
     return out

@@ -12,6 +12,7 @@ from pathlib import Path
 from ratta.datasets.readers import READERS, Items, read_csv, read_folder
 from ratta.datasets.registry import DATASETS, DatasetInfo
 from ratta.errors import RattaInputError
+from ratta.guard import Read
 
 
 @dataclass(frozen=True)
@@ -24,15 +25,25 @@ class Split:
         class_names: names in label order, ``_`` replaced by a space.
         base: the folder the fingerprint takes image paths relative to (the dataset folder,
             the user's folder, the CSV's folder); None: absolute paths.
+        root: the data root the split was read from (resolved).
+        files: the metadata files read (split file, class-name lists, the CSV).
     """
 
     name: str
     items: list[tuple[Path, int]]
     class_names: list[str]
     base: Path | None = None
+    root: Path | None = None
+    files: tuple[Path, ...] = ()
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def reads(self) -> list[Read]:
+        """Everything the split reads: the data root as a whole, its files, every image."""
+        reads = [*Read.of(self.root, "--data-root", tree=bool(self.root and self.root.is_dir()))]
+        reads += [Read(f, "split file") for f in self.files]
+        return reads + [Read(path, "image") for path, _ in self.items]
 
     def fingerprint(self) -> str:
         """SHA-256 over the relative image paths, labels and class names, in order.
@@ -103,13 +114,16 @@ def load_split(name: str, root: str | Path, *, csv_classes: str | Path | None = 
         )
     if name in DATASETS:
         items, names, folder = _registered(name, base)
+        files = tuple(base / f for f in DATASETS[name].files)
     elif name in _CUSTOM_READERS:
         classes = Path(os.path.abspath(csv_classes)) if csv_classes is not None else None
         items, names, folder = _CUSTOM_READERS[name](base, classes)
+        files = (base, classes) if name == "csv" and classes is not None else ()
     else:
         known = ", ".join((*DATASETS, *_CUSTOM_READERS))
         raise RattaInputError(f"unknown dataset '{name}' (known: {known})")
-    return Split(name, items, [n.replace("_", " ") for n in names], folder)
+    names = [n.replace("_", " ") for n in names]
+    return Split(name, items, names, folder, Path(os.path.realpath(base)), files)
 
 
 def class_names(name: str, root: str | Path, *, csv_classes: str | Path | None = None) -> list[str]:

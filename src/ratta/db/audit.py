@@ -23,9 +23,16 @@ from ratta.backbones import cached_file_hash
 from ratta.db.index import IndexSettings
 from ratta.db.sources import COLUMNS, open_source
 from ratta.db.store import BLOCK_ROWS, EXACT, Database, Manifest
-from ratta.db.writer import DatabaseWriter, check_new_dir
+from ratta.db.writer import DatabaseWriter, new_database
 from ratta.errors import RattaInputError
-from ratta.files import FeatureReader, check_embeddings, load_text, warn_renormalised
+from ratta.files import (
+    FeatureReader,
+    check_embeddings,
+    load_text,
+    warn_renormalised,
+    write_json,
+)
+from ratta.guard import Read, Write, guarded
 
 # Elements of one [test images, rows] similarity block: cache-sized, as the exact scan.
 _SIM_BLOCK = 1 << 22
@@ -158,6 +165,17 @@ def _per_class(
     ]
 
 
+def _plan(
+    db: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    features: str | os.PathLike[str] | None,
+    **_: Any,
+) -> tuple[list[Write], list[Read]]:
+    reads = Read.of(db, "--db") + Read.of(features, "--features")
+    return new_database(out, reads, "--write-clean")
+
+
+@guarded(_plan)
 def write_clean(
     db: str | os.PathLike[str],
     report: AuditReport,
@@ -171,7 +189,6 @@ def write_clean(
 
     ``index`` defaults to the source database's index spec and search parameters.
     """
-    check_new_dir(out, "--write-clean")
     source = open_source(db)
     if source.rows != report.rows:
         raise RattaInputError(
@@ -217,3 +234,41 @@ def write_clean(
             index,
             progress=progress,
         )
+
+
+def _audit_plan(
+    db: str | os.PathLike[str],
+    features: str | os.PathLike[str],
+    text: str | os.PathLike[str] | None,
+    report: str | os.PathLike[str] | None,
+    clean: str | os.PathLike[str] | None,
+    **_: Any,
+) -> tuple[list[Write], list[Read]]:
+    reads = Read.of(db, "--db") + Read.of(features, "--features") + Read.of(text, "--text")
+    writes = [Write.of(report, "--report")] if report is not None else []
+    if clean is not None:
+        writes += new_database(clean, reads, "--write-clean")[0]
+    return writes, reads
+
+
+@guarded(_audit_plan)
+def audit(
+    db: str | os.PathLike[str],
+    features: str | os.PathLike[str],
+    threshold: float = 0.95,
+    *,
+    text: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+    clean: str | os.PathLike[str] | None = None,
+    index: IndexSettings | None = None,
+    progress: bool = False,
+) -> tuple[AuditReport, Manifest | None]:
+    """``ratta db audit``: :func:`find_duplicates`, then the JSON ``report`` and the
+    ``clean`` copy if asked; every output is checked before the search starts."""
+    found = find_duplicates(db, features, threshold, text=text, progress=progress)
+    if report is not None:
+        write_json(report, found.to_dict())
+    manifest = None
+    if clean is not None:
+        manifest = write_clean(db, found, clean, features=features, index=index, progress=progress)
+    return found, manifest

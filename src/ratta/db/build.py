@@ -33,10 +33,11 @@ from safetensors import safe_open
 from ratta.backbones import Backbone, cached_file_hash
 from ratta.db.index import IndexSettings
 from ratta.db.store import BLOCK_ROWS, Manifest
-from ratta.db.writer import SHARD_ROWS, DatabaseWriter, check_new_dir
+from ratta.db.writer import SHARD_ROWS, DatabaseWriter, new_database
 from ratta.errors import RattaInputError
 from ratta.extract import ExtractSettings, extract_features
 from ratta.files import write_json
+from ratta.guard import Read, Write, guarded
 
 if TYPE_CHECKING:
     from ratta.distributed import RayBackend
@@ -186,6 +187,18 @@ def _source_record(src: str | os.PathLike[str], items: list[ImageItem]) -> dict[
     return record
 
 
+def _plan(
+    sources: Sequence[str | os.PathLike[str]],
+    backbone: Backbone,
+    out: str | os.PathLike[str],
+    **_: Any,
+) -> tuple[list[Write], list[Read]]:
+    reads = [r for s in sources for r in Read.of(s, "--images")] + backbone.spec.reads()
+    writes, reads = new_database(out, reads)
+    return [*writes, Write.of(f"{out}.build", "--out work folder", "scratch")], reads
+
+
+@guarded(_plan)
 def build_database(
     sources: Sequence[str | os.PathLike[str]],
     backbone: Backbone,
@@ -209,7 +222,7 @@ def build_database(
     images are encoded by Ray workers (see :func:`ratta.extract.extract_features`); the
     database is the same, byte for byte.
     """
-    out = check_new_dir(out)
+    out = Path(out)
     items = list_images(sources)
     work = Path(f"{out}.build")
     work.mkdir(exist_ok=True)

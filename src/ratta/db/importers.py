@@ -16,8 +16,9 @@ import numpy as np
 from ratta.db.index import IndexSettings
 from ratta.db.sources import Source, common_backbone, open_source
 from ratta.db.store import BLOCK_ROWS, Manifest
-from ratta.db.writer import SHARD_ROWS, DatabaseWriter, check_new_dir
+from ratta.db.writer import SHARD_ROWS, DatabaseWriter, new_database
 from ratta.errors import RattaInputError
+from ratta.guard import Read, Write, guarded
 
 
 def default_dtype(sources: Sequence[Source]) -> str:
@@ -40,6 +41,13 @@ def stream_into(writer: DatabaseWriter, source: Source) -> None:
             )
 
 
+def _plan(
+    sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], **_: Any
+) -> tuple[list[Write], list[Read]]:
+    return new_database(out, [r for s in sources for r in Read.of(s, "source")])
+
+
+@guarded(_plan)
 def import_database(
     sources: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -59,7 +67,6 @@ def import_database(
     """
     if not sources:
         raise RattaInputError("give at least one source to import")
-    check_new_dir(out)
     opened = [open_source(s, key) for s in sources]
     dims = {s.dim for s in opened}
     if len(dims) != 1:

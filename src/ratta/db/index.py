@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,10 +27,18 @@ from tqdm import tqdm
 
 from ratta.atomic import publish
 from ratta.backbones import sha256_file
-from ratta.db.store import BLOCK_ROWS, EXACT, MANIFEST, Database, to_gpu
+from ratta.db.store import (
+    BLOCK_ROWS,
+    EXACT,
+    MANIFEST,
+    Database,
+    check_search_params,
+    to_gpu,
+)
 from ratta.db.store import gpu_available as gpu_available
 from ratta.errors import RattaInputError
 from ratta.files import RattaInputWarning, write_json
+from ratta.guard import Read, Write, guarded
 
 RECALL_K = 20
 
@@ -55,6 +64,8 @@ class IndexSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.search_params is not None:
+            check_search_params(self.search_params)
         if not 0 < self.target_recall <= 1:
             raise RattaInputError(f"--target-recall must be in (0, 1], got {self.target_recall}")
         if self.eval_queries < 1:
@@ -296,6 +307,11 @@ def _row(params: str, r: float, top1: float, secs: float, n: int) -> dict[str, A
     }
 
 
+def _reindex_plan(path: str | os.PathLike[str], **_: Any) -> tuple[list[Write], list[Read]]:
+    return [Write.of(Path(path) / MANIFEST, "--db manifest")], []
+
+
+@guarded(_reindex_plan)
 def reindex(
     path: str | os.PathLike[str],
     settings: IndexSettings,

@@ -48,9 +48,10 @@ from ratta.db.sources import (
     open_source,
 )
 from ratta.db.store import BLOCK_ROWS, Manifest
-from ratta.db.writer import DatabaseWriter, check_new_dir
+from ratta.db.writer import DatabaseWriter, new_database
 from ratta.distributed import ShardStore, file_stamp
 from ratta.errors import RattaInputError
+from ratta.guard import Read, Write, guarded
 
 if TYPE_CHECKING:
     from ratta.distributed import RayBackend, ShardJob
@@ -256,6 +257,13 @@ def _selection_writer(
     )
 
 
+def _plan(
+    corpus: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], **_: Any
+) -> tuple[list[Write], list[Read]]:
+    return new_database(out, [r for c in corpus for r in Read.of(c, "--corpus")])
+
+
+@guarded(_plan)
 def select_by_caption(
     corpus: Sequence[str | os.PathLike[str]],
     class_names: Sequence[str],
@@ -273,7 +281,6 @@ def select_by_caption(
     part: reading and tokenising every caption) and the driver merges their rows in shard
     order, so the result, deduplication included, is the local one.
     """
-    check_new_dir(out)
     if not class_names:
         raise RattaInputError("no class names to select for")
     phrases = [[n, *(synonyms[i] if synonyms else ())] for i, n in enumerate(class_names)]
@@ -350,6 +357,7 @@ def _synonym_record(synonyms: Sequence[Sequence[str]] | None) -> dict[str, Any] 
     return {"count": sum(len(s) for s in synonyms), "per_class": [list(s) for s in synonyms]}
 
 
+@guarded(_plan)
 def select_by_knn(
     corpus: Sequence[str | os.PathLike[str]],
     queries: np.ndarray,
@@ -371,7 +379,6 @@ def select_by_knn(
     each Ray worker finds the top-k of one corpus shard, and the driver merges them
     (nearest first, ties to the lower row id).
     """
-    check_new_dir(out)
     if k < 1:
         raise RattaInputError(f"--k must be >= 1, got {k}")
     sources = _open_corpus(corpus)

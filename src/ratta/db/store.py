@@ -16,6 +16,7 @@ file. Writing lives in :mod:`ratta.db.writer`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,13 +30,13 @@ from torch import Tensor
 from ratta.backbones import sha256_file
 from ratta.errors import RattaInputError
 from ratta.files import (
-    NUMPY_EMBED_DTYPES,
     check_norms,
     load_database,
     open_database,
     readonly_tensor,
     warn_renormalised,
 )
+from ratta.identity import read_npy_header
 
 FORMAT = "ratta-database"
 VERSION = 1
@@ -113,10 +114,16 @@ class Manifest:
             raise RattaInputError(
                 f"{path}: malformed manifest ({type(exc).__name__}: {exc})"
             ) from None
-        if np.dtype(manifest.dtype) not in NUMPY_EMBED_DTYPES:
+        if manifest.dtype not in ("float16", "float32"):
             raise RattaInputError(
-                f"{path}: 'dtype' must be float16 or float32, got {manifest.dtype}"
+                f"{path}: 'dtype' must be float16 or float32, got {manifest.dtype!r}"
             )
+        for name in [s.file for s in shards] + [
+            str(section["file"])
+            for section in (manifest.metadata, manifest.index)
+            if section and "file" in section
+        ]:
+            _check_inside(path.parent, name, path)
         if sum(s.rows for s in shards) != manifest.count:
             raise RattaInputError(
                 f"{path}: 'count' is {manifest.count} but the shards hold "
@@ -125,6 +132,41 @@ class Manifest:
         if manifest.count == 0:
             raise RattaInputError(f"{path}: the database is empty (0 rows)")
         return manifest
+
+
+def _check_inside(folder: Path, name: str, manifest: Path) -> None:
+    """A file named by the manifest must lie inside the database folder."""
+    real = os.path.realpath(folder / name)
+    base = os.path.realpath(folder)
+    if Path(name).is_absolute() or not real.startswith(base + os.sep):
+        raise RattaInputError(
+            f"{manifest}: file '{name}' lies outside the database folder; a manifest may only "
+            "name files inside it"
+        )
+
+
+# FAISS search parameters take whole numbers; FAISS itself wraps -1 or nan to 2^64 - 1.
+_PARAM_MIN = {"nprobe": 1, "efSearch": 1, "quantizer_efSearch": 1, "k_factor": 1}
+
+
+def check_search_params(text: str) -> str:
+    """``name=value[,name=value]`` with whole, non-negative values (positive for nprobe,
+    efSearch and k_factor); FAISS itself checks that the names fit the index."""
+    if not text.strip():
+        raise RattaInputError("--search-params: empty (e.g. nprobe=32)")
+    for item in text.split(","):
+        name, sep, value = item.strip().partition("=")
+        try:
+            number = float(value) if sep else math.nan
+        except ValueError:
+            number = math.nan
+        low = _PARAM_MIN.get(name.strip(), 0)
+        if not (math.isfinite(number) and number == int(number) and low <= number < 2**31):
+            raise RattaInputError(
+                f"--search-params {text}: '{item.strip()}' must be name=N with a whole N "
+                f">= {low} (e.g. nprobe=32, efSearch=128)"
+            )
+    return text
 
 
 def is_database_dir(path: str | os.PathLike[str]) -> bool:
@@ -186,6 +228,12 @@ class Database:
         p = self.path / shard.file
         if not p.is_file():
             raise RattaInputError(f"{p}: shard listed in {self.path / MANIFEST} is missing")
+        shape, dtype, _ = read_npy_header(p)
+        if len(shape) != 2 or shape[0] == 0:
+            raise RattaInputError(
+                f"{p}: shard is {dtype} {shape} but the manifest says "
+                f"{self.manifest.dtype} ({shard.rows}, {self.dim})"
+            )
         try:
             return np.load(p, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as exc:
@@ -246,7 +294,14 @@ class Database:
                 f"{self.count} x {self.dim}; rebuild it with 'ratta db index'"
             )
         if info.get("search_params"):
-            faiss.ParameterSpace().set_index_parameters(index, info["search_params"])
+            try:
+                params = check_search_params(str(info["search_params"]))
+                faiss.ParameterSpace().set_index_parameters(index, params)
+            except (RattaInputError, RuntimeError) as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise RattaInputError(
+                    f"{self.path / MANIFEST}: index search parameters are not valid ({first})"
+                ) from None
         if device is not None and device.type == "cuda":
             index = to_gpu(index)
         return index

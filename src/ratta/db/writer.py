@@ -10,10 +10,10 @@ folder onto the target. An interrupted or failed write leaves no database behind
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,7 @@ from ratta.db.index import IndexSettings, build_index
 from ratta.db.store import EXACT, MANIFEST, METADATA, SHARD_DIR, Database, Manifest, ShardInfo
 from ratta.errors import RattaInputError
 from ratta.files import NORM_TOL, readonly_tensor, warn_renormalised, write_json
+from ratta.guard import Read, Write, check_writes
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -56,15 +57,17 @@ def metadata_schema(classes: bool = False) -> pa.Schema:
 
 def check_new_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
     """Fail before any work if the target directory exists or cannot be created."""
-    out = Path(path)
-    if out.exists():
-        raise RattaInputError(f"{flag} {out}: already exists; choose a new path or delete it")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise RattaInputError(f"{flag} {out}: parent directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise RattaInputError(f"{flag} {out}: parent directory {parent} is not writable")
-    return out
+    check_writes([Write.of(path, flag, "dir")], [])
+    return Path(path)
+
+
+def new_database(
+    out: str | os.PathLike[str], reads: Sequence[Read], flag: str = "--out"
+) -> tuple[list[Write], list[Read]]:
+    """What a command that writes the new database ``out`` from ``reads`` claims (for
+    :func:`ratta.guard.guarded`): the folder, and the chunk folder of a Ray run."""
+    writes = [Write.of(out, flag, "dir"), Write.of(f"{out}.parts", f"{flag} chunks", "scratch")]
+    return writes, list(reads)
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, int]) -> bytes:
@@ -124,8 +127,11 @@ class DatabaseWriter:
         self.out = check_new_dir(out)
         self.dim, self.dtype, self.shard_rows = dim, DTYPES[dtype], shard_rows
         self.backbone = backbone
+        # named like atomic_path's files, so that ratta.guard clears one a kill -9 left
         self.tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.absolute().parent)
+            tempfile.mkdtemp(
+                prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.absolute().parent
+            )
         )
         (self.tmp / SHARD_DIR).mkdir()
         self.schema = metadata_schema(classes)
@@ -249,11 +255,8 @@ class DatabaseWriter:
                     "tolerance": NORM_TOL,
                     "renormalised_rows": self.renormalised,
                 },
-                provenance={
-                    "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                    "ratta_version": __version__,
-                    **provenance,
-                },
+                # no timestamp: the same sources and settings give the same bytes
+                provenance={"ratta_version": __version__, **provenance},
                 backbone=self.backbone,
                 metadata={
                     "file": METADATA,

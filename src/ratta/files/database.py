@@ -16,24 +16,29 @@ from torch import Tensor
 from ratta.atomic import atomic_path
 from ratta.errors import RattaInputError
 from ratta.files.checks import NUMPY_EMBED_DTYPES, check_norms, warn_renormalised
+from ratta.identity import read_npy_header
 
 
-def open_database(path: str | os.PathLike[str]) -> np.ndarray:
-    """Memory-map a database ``.npy`` [N, d] and check its header."""
+def open_database(path: str | os.PathLike[str], what: str = "database") -> np.ndarray:
+    """Memory-map a database ``.npy`` [N, d] and check its header.
+
+    The header is read first, so a file that is not a ``.npy`` array (empty, a pickle,
+    text) is named as what it is, and nothing is ever unpickled.
+    """
     p = Path(path)
     if not p.is_file():
-        raise RattaInputError(f"{p}: database file not found")
+        raise RattaInputError(f"{p}: {what} file not found")
+    shape, dtype, _ = read_npy_header(p)
+    if len(shape) != 2:
+        raise RattaInputError(f"{p}: {what} must have rank 2 [N, d], got shape {shape}")
+    if dtype not in NUMPY_EMBED_DTYPES:
+        raise RattaInputError(f"{p}: {what} must be float16/float32, got {dtype}")
+    if shape[0] == 0:
+        raise RattaInputError(f"{p}: {what} is empty (0 rows)")
     try:
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        return np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise RattaInputError(f"{p}: not a readable .npy array ({exc})") from None
-    if arr.ndim != 2:
-        raise RattaInputError(f"{p}: database must have rank 2 [N, d], got shape {arr.shape}")
-    if arr.dtype not in NUMPY_EMBED_DTYPES:
-        raise RattaInputError(f"{p}: database must be float16/float32, got {arr.dtype}")
-    if arr.shape[0] == 0:
-        raise RattaInputError(f"{p}: database is empty (0 rows)")
-    return arr
 
 
 def load_database(
