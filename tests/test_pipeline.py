@@ -148,9 +148,12 @@ def test_run_caches_features_and_text(data, tiny_clip, tmp_path) -> None:
     assert second["cache"] == {
         **first["cache"],
         "features_reused": True,
+        "features_reason": "reused (in the cache)",
         "text_reused": True,
+        "text_reason": "reused (in the cache)",
         "backbone_loaded": False,
     }
+    assert first["cache"]["features_reason"] == "computed: not in the cache"
     assert second["config"]["k_s"] == 5
     first_pred = load_file(str(tmp_path / "r1" / "predictions.safetensors"))
     assert torch.equal(

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import statistics
 import time
@@ -30,6 +31,7 @@ from ratta.config import RATTAConfig
 from ratta.errors import RattaInputError
 from ratta.extract import ExtractSettings
 from ratta.files import FeatureReader, load_text, save_safetensors, write_json, write_text_atomic
+from ratta.guard import Read, Write, claim
 from ratta.metrics import classification_metrics
 from ratta.presets import PRESETS
 
@@ -72,7 +74,9 @@ PUBLISHED = {
     },
     "cupl": {"fgvc_aircraft": 28.98, "imagenet_adversarial": 50.23, "transfer_average": 70.81},
 }
-CELL_FORMAT = 1
+# Bumped when a cell's identity rules change (2: content identities of every input).
+CELL_FORMAT = 2
+REPORT_FILES = ("results.json", "results.csv", "results.md", "plots/gain_over_cupl.png")
 
 
 def database_for(dataset: str, db_root: str | os.PathLike[str]) -> Path:
@@ -115,12 +119,18 @@ def _softmax_predictions(features: Path, text_file: Path) -> dict[str, torch.Ten
 
 
 def cell_rows(cell: Path, dataset: str, seed: int) -> list[dict[str, Any]]:
-    """The report rows of one cell, computed from its per-image output files."""
+    """The report rows of one cell, computed from its per-image output files.
+
+    ``top1``/``top5`` are over the whole split, images that could not be read counting as
+    errors; ``top1_encoded``/``top5_encoded`` and ``ece`` over the encoded images.
+    """
     pred = load_file(str(cell / "predictions.safetensors"))
     base = load_file(str(cell / "baselines.safetensors"))
     summary = json.loads((cell / "predictions.safetensors.json").read_text())
+    results = json.loads((cell / "results.json").read_text())
     labels = pred["labels"]
     n = labels.shape[0]
+    total = int(results.get("split_images", n))
     n_cand = (pred["candidates"] >= 0).sum(1).float()
     stage_ms = {k: 1000.0 * v / n for k, v in summary["timings_s"].items() if k != "total"}
     probs = {
@@ -132,12 +142,19 @@ def cell_rows(cell: Path, dataset: str, seed: int) -> list[dict[str, Any]]:
     }
     rows = []
     for method, p in probs.items():
+        metrics = classification_metrics(p, labels)
         row: dict[str, Any] = {
             "dataset": dataset,
             "seed": seed,
             "method": method,
-            "images": n,
-            **classification_metrics(p, labels),
+            "images": total,
+            "encoded": n,
+            "skipped": total - n,
+            "top1": metrics["top1"] * n / total,
+            "top5": metrics["top5"] * n / total,
+            "top1_encoded": metrics["top1"],
+            "top5_encoded": metrics["top5"],
+            "ece": metrics["ece"],
         }
         adaptive = method in ("retrieval", "ratta")
         row["fallback_rate"] = 100.0 * float((n_cand == 0).float().mean()) if adaptive else None
@@ -175,6 +192,16 @@ class EvalSettings:
         return replace(base, **overrides)
 
 
+def distinct(values: Sequence[Any], flag: str) -> list[Any]:
+    """``values`` in order; one given twice is refused (it would be averaged twice)."""
+    seen: set[Any] = set()
+    for v in values:
+        if v in seen:
+            raise RattaInputError(f"{flag}: {v} is given twice")
+        seen.add(v)
+    return list(values)
+
+
 def evaluate(
     datasets: Sequence[str],
     data_root: str | os.PathLike[str],
@@ -190,14 +217,19 @@ def evaluate(
     progress: bool = False,
     log: Any = None,
     backend: RayBackend | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run (or reuse) every (dataset, seed) cell and write the reports into ``out_dir``.
 
-    A finished cell whose identity (backbone, views, descriptions, config) is unchanged is
-    skipped; a failing dataset is recorded and the others go on. Returns the JSON report.
-    ``backend``: each cell's extraction and adaptation on Ray workers (see ``run``).
+    Every cell is planned before any of them runs: a dataset whose inputs fail the checks
+    (missing database, descriptions that do not cover its classes, a dimension mismatch)
+    is reported at once and the others go on. A finished cell is reused when its identity
+    (the content identities of its features, text and database, its config and views) is
+    unchanged, else recomputed with the reason recorded; ``force`` recomputes every cell.
+    Returns the JSON report. ``backend``: each cell's extraction and adaptation on Ray
+    workers (see ``run``).
     """
-    from ratta.run import run
+    from ratta.run import plan_run, reason, run
 
     spec = backbone or BackboneSpec()
     settings = settings or EvalSettings()
@@ -206,34 +238,74 @@ def evaluate(
         raise RattaInputError(
             f"--datasets: unknown {', '.join(unknown)} (known: {', '.join(ALL_DATASETS)}, all)"
         )
+    datasets = distinct(datasets, "--datasets")
+    seeds = distinct(seeds, "--seeds")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)
-    bb_fp = backbone_fingerprint(spec)
-    rows: list[dict[str, Any]] = []
+    bb_fp = backbone_fingerprint(spec, device)
     failures: list[dict[str, Any]] = []
-    computed = reused = 0
+
+    def failed(dataset: str, seed: int, exc: BaseException) -> None:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        failures.append({"dataset": dataset, "seed": seed, "error": message})
+        say(f"{dataset} seed {seed}: FAILED: {message}")
+
+    plans: dict[tuple[str, int], Any] = {}
     for dataset in datasets:
         for seed in seeds:
+            try:
+                plans[dataset, seed] = plan_run(
+                    dataset,
+                    data_root,
+                    database_for(dataset, db_root),
+                    spec=spec,
+                    settings=ExtractSettings(views=settings.views, seed=seed),
+                    descriptions=descriptions_for(dataset, settings.descriptions),
+                    preset=None,
+                    class_names_file=None,
+                    allow_missing=False,
+                    config=settings.config(dataset),
+                    device=device,
+                    on_ray=backend is not None,
+                )
+            except RattaInputError as exc:
+                failed(dataset, seed, exc)
+    writes = [Write(out, "--out", "folder")]
+    writes += [Write(out / name, "--out report") for name in REPORT_FILES]
+    writes += [Write(out / "cells" / d / f"seed-{s}", "--out cell", "folder") for d, s in plans]
+    reads = [
+        *Read.of(data_root, "--data-root"),
+        *Read.of(db_root, "--db-root"),
+        *(
+            Read.of(settings.descriptions, "--descriptions")
+            if settings.descriptions != "auto"
+            else []
+        ),
+        *spec.reads(),
+    ]
+    rows: list[dict[str, Any]] = []
+    computed = reused = 0
+    with claim(writes, reads):
+        for (dataset, seed), plan in plans.items():
             cell = out / "cells" / dataset / f"seed-{seed}"
-            config = settings.config(dataset)
             identity = {
                 "format": CELL_FORMAT,
                 "dataset": dataset,
                 "seed": seed,
-                "backbone": bb_fp,
+                "features": plan.features,
+                "text": plan.text,
+                "database": plan.database,
                 "views": settings.views,
-                "descriptions": settings.descriptions,
-                "config": asdict(config),
+                "config": asdict(plan.config),
             }
             done = cell / "cell.json"
             try:
-                if done.is_file() and json.loads(done.read_text())["identity"] == json.loads(
-                    json.dumps(identity)
-                ):
+                old = _stored_identity(done)
+                if not force and old == json.loads(json.dumps(identity)):
                     reused += 1
                     say(f"{dataset} seed {seed}: done before, reused")
                 else:
+                    why = reason(False, force, old, identity, "done before")
                     started = time.perf_counter()
                     summary = run(
                         dataset,
@@ -242,13 +314,13 @@ def evaluate(
                         cell,
                         backbone=spec,
                         settings=ExtractSettings(views=settings.views, seed=seed),
-                        descriptions=descriptions_for(dataset, settings.descriptions),
-                        config=config,
                         cache=cache,
                         device=device,
                         workers=workers,
                         progress=progress,
                         backend=backend,
+                        force=force,
+                        plan=plan,
                     )
                     save_safetensors(
                         cell / "baselines.safetensors",
@@ -256,34 +328,42 @@ def evaluate(
                             Path(summary["cache"]["features"]), Path(summary["cache"]["text"])
                         ),
                     )
+                    seconds = time.perf_counter() - started
                     write_json(
                         done,
                         {
                             "identity": identity,
+                            "reason": why,
                             "summary": summary,
-                            "seconds": time.perf_counter() - started,
+                            "seconds": seconds,
                         },
                     )
                     computed += 1
-                    say(f"{dataset} seed {seed}: done in {time.perf_counter() - started:.1f} s")
+                    say(f"{dataset} seed {seed}: {why} in {seconds:.1f} s")
                 rows.extend(cell_rows(cell, dataset, seed))
             except (RattaInputError, OSError, RuntimeError, ValueError) as exc:
-                message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                failures.append({"dataset": dataset, "seed": seed, "error": message})
-                say(f"{dataset} seed {seed}: FAILED: {message}")
-    report = {
-        "ratta_version": __version__,
-        "backbone": bb_fp,
-        "settings": asdict(settings),
-        "datasets": list(datasets),
-        "seeds": list(seeds),
-        "cells_computed": computed,
-        "cells_reused": reused,
-        "failures": failures,
-        "rows": rows,
-    }
-    write_reports(out, report)
+                failed(dataset, seed, exc)
+        report = {
+            "ratta_version": __version__,
+            "backbone": bb_fp,
+            "settings": asdict(settings),
+            "datasets": list(datasets),
+            "seeds": list(seeds),
+            "cells_computed": computed,
+            "cells_reused": reused,
+            "skipped_images": sum(r["skipped"] for r in rows if r["method"] == "ratta"),
+            "failures": failures,
+            "rows": rows,
+        }
+        write_reports(out, report)
     return report
+
+
+def _stored_identity(done: Path) -> Any:
+    try:
+        return json.loads(done.read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------- reports
@@ -293,8 +373,12 @@ CSV_FIELDS = (
     "seed",
     "method",
     "images",
+    "encoded",
+    "skipped",
     "top1",
     "top5",
+    "top1_encoded",
+    "top5_encoded",
     "ece",
     "fallback_rate",
     "mean_candidates",
@@ -426,6 +510,32 @@ def _row(label: str, stats: dict, pub_cupl: float | None, pub_ratta: float | Non
 SWEEP_PARAMS = ("k_d", "k_s", "quantile", "min_desc", "views")
 
 
+def sweep_values(param: str, values: Sequence[float], views: int) -> list[float | int]:
+    """The values of a sweep, checked before any work: finite, in range, integers where
+    the parameter is one, each given once."""
+    if param not in SWEEP_PARAMS:
+        raise RattaInputError(f"--param must be one of {', '.join(SWEEP_PARAMS)}, got '{param}'")
+    if not values:
+        raise RattaInputError("--values: give at least one value")
+    out: list[float | int] = []
+    for value in distinct(list(values), "--values"):
+        if not math.isfinite(value):
+            raise RattaInputError(f"--values: {value} is not a finite number")
+        if param == "quantile":
+            if not 0.0 <= value <= 1.0:
+                raise RattaInputError(f"--values: quantile {value} is outside [0, 1]")
+            out.append(float(value))
+            continue
+        if value != int(value):
+            raise RattaInputError(f"--values: {param} takes integers, got {value}")
+        low, high = (0, views) if param == "views" else (1, None)
+        if value < low or (high is not None and value > high):
+            bound = f"0..{views} (the views extracted)" if param == "views" else ">= 1"
+            raise RattaInputError(f"--values: {param} {int(value)} is outside {bound}")
+        out.append(int(value))
+    return out
+
+
 def sweep(
     param: str,
     values: Sequence[float],
@@ -438,66 +548,90 @@ def sweep(
     views: int = 100,
     seed: int = 0,
     descriptions: str = "auto",
+    config: RATTAConfig | None = None,
     cache: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     workers: int = 2,
     progress: bool = False,
     backend: RayBackend | None = None,
+    force: bool = False,
 ) -> list[dict[str, Any]]:
     """Accuracy of CuPL and RA-TTA for each value of one hyperparameter, on cached features.
 
     The features are extracted once (with ``views`` views); a sweep over ``views`` adapts with
-    the first V' of them. Writes sweep_<param>.csv/.json and a plot into ``out_dir``.
+    the first V' of them. ``config`` holds the other hyperparameters (default: the dataset's
+    preset). Every value and input is checked before the first run. Writes
+    sweep_<param>.csv/.json and a plot into ``out_dir``.
     """
     from ratta.plots import plot_sweep
-    from ratta.run import run
+    from ratta.run import plan_run, run
 
-    if param not in SWEEP_PARAMS:
-        raise RattaInputError(f"--param must be one of {', '.join(SWEEP_PARAMS)}, got '{param}'")
-    if not values:
-        raise RattaInputError("--values: give at least one value")
+    checked = sweep_values(param, values, views)
     out = Path(out_dir)
-    base = EvalSettings().config(dataset)
-    results = []
-    for value in values:
-        as_int = int(value) if param != "quantile" else None
-        if param != "quantile" and as_int != value:
-            raise RattaInputError(f"--values: {param} takes integers, got {value}")
-        config = base if param == "views" else replace(base, **{param: as_int or value})
-        digest = hashlib.sha256(f"{param}={value}".encode()).hexdigest()[:8]
-        summary = run(
+    base = config or EvalSettings().config(dataset)
+    settings = ExtractSettings(views=views, seed=seed)
+    spec = backbone or BackboneSpec()
+    plans = [
+        plan_run(
             dataset,
             data_root,
             db,
-            out / "runs" / f"{param}-{value}-{digest}",
-            backbone=backbone,
-            settings=ExtractSettings(views=views, seed=seed),
+            spec=spec,
+            settings=settings,
             descriptions=descriptions_for(dataset, descriptions),
-            config=config,
-            cache=cache,
+            preset=None,
+            class_names_file=None,
+            allow_missing=False,
+            config=base if param == "views" else replace(base, **{param: value}),
             device=device,
-            workers=workers,
-            adapt_views=as_int if param == "views" else None,
-            progress=progress,
-            backend=backend,
+            on_ray=backend is not None,
         )
-        m = summary["metrics"]
-        results.append(
-            {
-                "param": param,
-                "value": value,
-                "cupl_top1": m["zero_shot"]["top1"],
-                "retrieval_top1": m["retrieval"]["top1"],
-                "ratta_top1": m["ratta"]["top1"],
-                "fallback": summary["counts"]["fallback"],
-                "features_reused": summary["cache"]["features_reused"],
-            }
+        for value in checked
+    ]
+    names = [f"sweep_{param}.{ext}" for ext in ("json", "csv", "png")]
+    writes = [Write(out, "--out", "folder"), *(Write(out / n, "--out report") for n in names)]
+    results = []
+    with claim(writes, plans[0].reads):
+        for value, plan in zip(checked, plans, strict=True):
+            digest = hashlib.sha256(f"{param}={value}".encode()).hexdigest()[:8]
+            summary = run(
+                dataset,
+                data_root,
+                db,
+                out / "runs" / f"{param}-{value}-{digest}",
+                backbone=spec,
+                settings=settings,
+                cache=cache,
+                device=device,
+                workers=workers,
+                adapt_views=int(value) if param == "views" else None,
+                progress=progress,
+                backend=backend,
+                force=force and not results,  # recompute the shared caches once
+                plan=plan,
+            )
+            m = summary["metrics"]
+            results.append(
+                {
+                    "param": param,
+                    "value": value,
+                    "cupl_top1": m["zero_shot"]["top1"],
+                    "retrieval_top1": m["retrieval"]["top1"],
+                    "ratta_top1": m["ratta"]["top1"],
+                    "fallback": summary["counts"]["fallback"],
+                    "skipped": summary["skipped"],
+                    "features_reused": summary["cache"]["features_reused"],
+                }
+            )
+        config_used = {k: v for k, v in base.to_dict().items() if k != param}
+        write_json(
+            out / names[0],
+            {"dataset": dataset, "seed": seed, "fixed": config_used, "results": results},
         )
-    write_json(out / f"sweep_{param}.json", {"dataset": dataset, "seed": seed, "results": results})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(results[0]))
-    writer.writeheader()
-    writer.writerows(results)
-    write_text_atomic(out / f"sweep_{param}.csv", buf.getvalue())
-    plot_sweep(results, param, dataset, out / f"sweep_{param}.png")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+        write_text_atomic(out / names[1], buf.getvalue())
+        plot_sweep(results, param, dataset, out / names[2])
     return results

@@ -11,9 +11,12 @@ from ratta.cli.options import (
     backbone_spec,
     command,
     dataset_args,
+    hyperparameter_args,
+    hyperparameters,
     pipeline_args,
     pipeline_backend,
 )
+from ratta.errors import RattaInputError
 from ratta.resources import keep_freed_memory
 
 
@@ -47,10 +50,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="'auto', or a folder holding CuPL_prompts_<dataset>.json files",
     )
-    p.add_argument("--k-d", type=int, default=None)
-    p.add_argument("--k-s", type=int, default=None)
-    p.add_argument("--quantile", type=float, default=None, help="default: the dataset's")
-    p.add_argument("--min-desc", type=int, default=None)
+    hyperparameter_args(p)
     pipeline_args(p)
 
 
@@ -67,16 +67,12 @@ def _run_eval(args: argparse.Namespace) -> int:
         args.out,
         backbone=backbone_spec(args),
         settings=EvalSettings(
-            views=args.views,
-            descriptions=args.descriptions,
-            k_d=args.k_d,
-            k_s=args.k_s,
-            quantile=args.quantile,
-            min_desc=args.min_desc,
+            views=args.views, descriptions=args.descriptions, **hyperparameters(args)
         ),
         cache=args.cache,
         progress=not args.quiet,
         log=None if args.quiet else print,
+        force=args.force,
         **pipeline_backend(args),
     )
     print(Path(args.out, "results.md").read_text())
@@ -107,13 +103,17 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--views", type=int, default=100, help="views extracted (%(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--descriptions", default="auto")
+    hyperparameter_args(p)
     pipeline_args(p)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from ratta.evaluate import sweep
+    from ratta.evaluate import EvalSettings, sweep
 
     keep_freed_memory()
+    fixed = hyperparameters(args)
+    if fixed.get(args.param) is not None:
+        raise RattaInputError(f"--{args.param.replace('_', '-')} is the swept --param")
     results = sweep(
         args.param,
         args.values,
@@ -125,7 +125,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
         views=args.views,
         seed=args.seed,
         descriptions=args.descriptions,
+        config=EvalSettings(**fixed).config(args.dataset),
         cache=args.cache,
+        progress=not args.quiet,
+        force=args.force,
         **pipeline_backend(args),
     )
     print(f"{'value':>10}{'CuPL':>9}{'retrieval':>11}{'RA-TTA':>9}")

@@ -159,8 +159,37 @@ def pipeline_args(p: argparse.ArgumentParser, workers: bool = True) -> None:
     p.add_argument(
         "--cache", default=None, help="cache folder (default: $RATTA_CACHE or ~/.cache/ratta)"
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute cached features, text and finished cells even if their inputs match",
+    )
     out_quiet_args(p, "output folder", "no progress bars")
     backend_args(p)
+
+
+def hyperparameter_args(p: argparse.ArgumentParser) -> None:
+    """K_D, K_S, q and min_desc for run, eval and sweep; unset ones take the paper's
+    defaults, q the dataset preset's."""
+    from ratta.config import RATTAConfig
+
+    d = RATTAConfig()
+    g = p.add_argument_group("RA-TTA hyperparameters")
+    g.add_argument("--k-d", type=int, default=None, help=f"K_D top descriptions ({d.k_d})")
+    g.add_argument("--k-s", type=int, default=None, help=f"K_S images per set ({d.k_s})")
+    g.add_argument(
+        "--quantile",
+        type=float,
+        default=None,
+        help="q (default: the dataset preset's, 0.9 for the ImageNet family, else 0.75)",
+    )
+    g.add_argument("--min-desc", type=int, default=None, help=f"min_desc ({d.min_desc})")
+
+
+def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The hyperparameters set on the command line (``k_d``, ``k_s``, ``quantile``,
+    ``min_desc``), each None when unset."""
+    return {k: getattr(args, k) for k in ("k_d", "k_s", "quantile", "min_desc")}
 
 
 def backbone_spec(args: argparse.Namespace) -> Any:

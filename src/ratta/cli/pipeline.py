@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ratta.atomic import write_text_atomic
 from ratta.cli.options import (
     backbone_args,
     backbone_spec,
@@ -15,6 +14,8 @@ from ratta.cli.options import (
     dataset_args,
     decode_workers,
     extract_args,
+    hyperparameter_args,
+    hyperparameters,
     model_device,
     out_quiet_args,
     pipeline_args,
@@ -22,7 +23,6 @@ from ratta.cli.options import (
     ray_backend,
 )
 from ratta.cli.report import format_results, print_encoding_report, print_shards
-from ratta.config import RATTAConfig
 from ratta.resources import keep_freed_memory
 
 
@@ -61,7 +61,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     backend = ray_backend(args, local_workers=True)
     keep_freed_memory()
     split = load_split(args.dataset, args.data_root, csv_classes=args.class_names)
-    backbone = load_backbone(backbone_spec(args), model_device(args, backend))
+    backbone = load_backbone(backbone_spec(args), model_device(args, backend), runs_on=args.device)
     summary = extract_features(
         [p for p, _ in split.items],
         [y for _, y in split.items],
@@ -75,6 +75,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         metadata={"dataset": args.dataset, "split": split.fingerprint()},
         progress=not args.quiet,
         backend=backend,
+        reads=split.reads(),
     )
     print(
         f"{summary['images']} images x (1 + {summary['views']}) crops, "
@@ -121,11 +122,11 @@ def _run_text(args: argparse.Namespace) -> int:
     from ratta.text import build_text_features
 
     preset = dataset_preset(args.dataset, args.preset)
-    names = load_split(args.dataset, args.data_root, csv_classes=args.class_names).class_names
+    split = load_split(args.dataset, args.data_root, csv_classes=args.class_names)
     desc = resolve_descriptions(args.descriptions, preset)
     backbone = load_backbone(backbone_spec(args), resolve_device(args.device))
     summary = build_text_features(
-        names,
+        split.class_names,
         desc,
         preset.templates,
         preset.pre,
@@ -133,6 +134,7 @@ def _run_text(args: argparse.Namespace) -> int:
         args.out,
         allow_missing=args.allow_missing,
         metadata={"dataset": args.dataset},
+        reads=split.reads(),
     )
     print(
         f"{summary['classes']} classes, {summary['description_rows']} description rows, "
@@ -142,7 +144,6 @@ def _run_text(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    d = RATTAConfig()
     p = command(
         sub,
         "run",
@@ -158,29 +159,20 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--descriptions", default="auto", help="CuPL JSON file or 'auto'")
     p.add_argument("--preset", default=None, help="text preset for custom datasets")
     p.add_argument("--allow-missing", action="store_true")
-    p.add_argument("--k-d", type=int, default=d.k_d)
-    p.add_argument("--k-s", type=int, default=d.k_s)
-    p.add_argument(
-        "--quantile",
-        type=float,
-        default=None,
-        help="q (default: the dataset preset's, 0.9 for the ImageNet family)",
-    )
-    p.add_argument("--min-desc", type=int, default=d.min_desc)
+    hyperparameter_args(p)
     p.add_argument("--adapt-batch-size", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     pipeline_args(p, workers=False)
 
 
 def _run_run(args: argparse.Namespace) -> int:
+    from ratta.evaluate import EvalSettings
     from ratta.extract import ExtractSettings
     from ratta.run import dataset_preset, run
 
     keep_freed_memory()
-    quantile = args.quantile
-    if quantile is None:
-        quantile = dataset_preset(args.dataset, args.preset).quantile
-    config = RATTAConfig(k_d=args.k_d, k_s=args.k_s, quantile=quantile, min_desc=args.min_desc)
+    preset = dataset_preset(args.dataset, args.preset)
+    config = EvalSettings(**hyperparameters(args)).config(preset.name)
     summary = run(
         args.dataset,
         args.data_root,
@@ -199,14 +191,13 @@ def _run_run(args: argparse.Namespace) -> int:
         adapt_batch_size=args.adapt_batch_size,
         dtype=args.dtype,
         progress=not args.quiet,
+        force=args.force,
         **pipeline_backend(args),
     )
-    table = format_results(summary)
-    write_text_atomic(Path(args.out) / "results.md", f"# {args.dataset}\n\n```\n{table}\n```\n")
     c = summary["cache"]
-    print(table)
-    print(f"features {'reused' if c['features_reused'] else 'computed'}: {c['features']}")
-    print(f"text {'reused' if c['text_reused'] else 'computed'}: {c['text']}")
+    print(format_results(summary))
+    print(f"features {c['features_reason']}: {c['features']}")
+    print(f"text {c['text_reason']}: {c['text']}")
     print_shards(summary)
     print(f"wrote {Path(args.out) / 'predictions.safetensors'}, results.json and results.md")
     return 0

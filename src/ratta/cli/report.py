@@ -4,31 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def format_results(summary: dict[str, Any]) -> str:
-    """A short results table for stdout."""
-    c = summary["counts"]
-    lines = [
-        f"images {c['images']}  classes {c['classes']}  views {c['views']}  "
-        f"database {c['database']}  adapted {c['adapted']}  fallback {c['fallback']}  "
-        f"mean candidates {c['mean_candidates']:.2f}",
-    ]
-    metrics = summary.get("metrics")
-    if metrics:
-        lines.append(f"{'method':<12}{'top-1':>8}{'top-5':>8}")
-        for name, label in (
-            ("zero_shot", "zero-shot"),
-            ("retrieval", "retrieval"),
-            ("ratta", "RA-TTA"),
-        ):
-            m = metrics[name]
-            lines.append(f"{label:<12}{m['top1']:>8.2f}{m['top5']:>8.2f}")
-    else:
-        lines.append("no labels in the features file: accuracy not computed")
-    lines.append(
-        f"time {summary['timings_s']['total']:.2f} s ({summary['ms_per_image']:.2f} ms/image)"
-    )
-    return "\n".join(lines)
+from ratta.summary import format_results as format_results
 
 
 def print_shards(summary: dict[str, Any]) -> None:
