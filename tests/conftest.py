@@ -99,6 +99,22 @@ def adapt_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
     ]
 
 
+def tiny_args(tiny_clip) -> list[str]:
+    """The backbone flags of the tiny random-weight model."""
+    return [
+        "--model-config",
+        str(tiny_clip["config"]),
+        "--pretrained",
+        str(tiny_clip["checkpoint"]),
+    ]
+
+
+def extract_argv(tiny_clip, root: Path, *extra: str, dataset: str = "dtd") -> list[str]:
+    """``ratta extract`` of ``dataset`` under ``root`` with the tiny model, in-process decoding."""
+    argv = ["extract", "--dataset", dataset, "--data-root", str(root), "--workers", "0"]
+    return [*argv, "--quiet", *tiny_args(tiny_clip), *extra]
+
+
 def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
     """Small random RGB images of varied sizes and formats."""
     from PIL import Image

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import adapt_args, make_coop_dtd
+from conftest import adapt_args, extract_argv, make_coop_dtd
 from safetensors.torch import load_file
 
 from ratta.cli import main
@@ -114,24 +114,6 @@ def test_a_huge_k_d_is_capped_by_the_classes_not_the_memory(world, world_files, 
     assert main(adapt_args(world_files, out, "--k-d", "1000000000", "--min-desc", "1")) == 0
     got = load_file(str(out))
     assert got["candidates"].shape == (world.labels.shape[0], world.text.num_classes)
-
-
-def extract_argv(tiny_clip, root: Path, *extra: str) -> list[str]:
-    return [
-        "extract",
-        "--dataset",
-        "dtd",
-        "--data-root",
-        str(root),
-        "--workers",
-        "0",
-        "--quiet",
-        "--model-config",
-        str(tiny_clip["config"]),
-        "--pretrained",
-        str(tiny_clip["checkpoint"]),
-        *extra,
-    ]
 
 
 def test_views_whose_buffers_cannot_fit_are_refused_with_the_estimate(

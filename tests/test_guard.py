@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import adapt_args, make_coop_dtd
+from conftest import adapt_args, extract_argv, make_coop_dtd
 
 from ratta.cli import main
 from ratta.errors import RattaInputError
@@ -101,27 +101,6 @@ def test_text_out_never_replaces_the_descriptions(tiny_clip, tmp_path, capsys) -
     refused([*base, "--out", str(desc)[: -len(".json")]], capsys, tmp_path, "--descriptions")
 
 
-def extract_argv(tiny_clip, root: Path, out: Path) -> list[str]:
-    return [
-        "extract",
-        "--dataset",
-        "dtd",
-        "--data-root",
-        str(root),
-        "--views",
-        "1",
-        "--workers",
-        "0",
-        "--quiet",
-        "--model-config",
-        str(tiny_clip["config"]),
-        "--pretrained",
-        str(tiny_clip["checkpoint"]),
-        "--out",
-        str(out),
-    ]
-
-
 def test_extract_out_never_replaces_an_image_the_split_or_the_checkpoint(
     tiny_clip, tmp_path, capsys
 ) -> None:
@@ -138,7 +117,8 @@ def test_extract_out_never_replaces_an_image_the_split_or_the_checkpoint(
         (tiny_clip["checkpoint"], "is the input --pretrained"),
         (root / "new" / "f.safetensors", "lies inside the input --data-root"),
     ):
-        refused(extract_argv(tiny_clip, root, victim), capsys, tmp_path, needle)
+        argv = extract_argv(tiny_clip, root, "--views", "1", "--out", str(victim))
+        refused(argv, capsys, tmp_path, needle)
 
 
 def test_missing_parent_folders_are_created_for_every_command(world_files, tmp_path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ from torch import Tensor
 
 from ratta.errors import RattaInputError
 from ratta.guard import Read
+from ratta.identity import file_sha256 as cached_file_hash
+from ratta.identity import sha256_file as sha256_file
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,26 +60,6 @@ class BackboneSpec:
         """The local files this backbone is built from (inputs no output may replace)."""
         checkpoint = self.pretrained if self.pretrained and Path(self.pretrained).exists() else None
         return [*Read.of(checkpoint, "--pretrained"), *Read.of(self.model_config, "--model-config")]
-
-
-def sha256_file(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_HASH_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def cached_file_hash(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) within the process."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_MEMO:
-        _HASH_MEMO[key] = sha256_file(path)
-    return _HASH_MEMO[key]
 
 
 def _is_openai_archive(path: Path) -> bool:
