@@ -1,24 +1,30 @@
-"""`ratta describe` against a local chat-completions server: answers, retries, resume, errors."""
+"""`ratta describe` against a local chat-completions server: answers, retries, resume, errors,
+and hostile use: a trickling or stalled server, Ctrl-C, kill -9, a second process, outputs
+over inputs, settings out of range."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import make_coop_dtd
 
 from ratta.cli import main
 from ratta.describe import (
@@ -34,11 +40,13 @@ from ratta.describe import (
 from ratta.describe.client import ChatClient
 from ratta.describe.state import PartialFile
 from ratta.errors import RattaInputError
+from ratta.guard import lock_path
 from ratta.presets import PRESETS, get_preset
 
 KEY = "sk-test-0123456789"
 CLASSES = [f"class-{i:02d}" for i in range(30)]
 TWO_PROMPTS = ("What does a {} look like?", "How would you spot a {}?")
+RATTA = str(Path(sys.executable).with_name("ratta"))
 
 
 @dataclass
@@ -56,19 +64,27 @@ class Logged:
 
 @dataclass
 class FakeLLM:
-    """Chat-completions server whose answers name the class the prompt asked about."""
+    """Chat-completions server whose answers name the class the prompt asked about.
+
+    Given a seed, the answers are a function of (prompt, seed, choice): a rerun gets the
+    same text, as from a real server. ``faults`` queues, per class, what the next requests
+    get instead of an answer: an HTTP status, a ``sleep``, a reply whose ``content`` is
+    given, or a ``trickle`` of the headers or the body, one byte every 0.2 s.
+    """
 
     classes: list[str]
     key: str | None = KEY
+    models: tuple[str, ...] = ("fake-model", "m")
     max_n: int | None = None  # fewer choices than asked for, like llama.cpp or Ollama
     reject_n: bool = False  # HTTP 400 when n > 1
-    faults: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)
+    faults: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
     delay: dict[str, float] = field(default_factory=dict)
+    hook: Callable[[int], None] | None = None  # called with the number of each request
     log: list[Logged] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     url: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _ids: Iterator[int] = field(default_factory=itertools.count)
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def reply(self, path: str, auth: str | None, body: dict[str, Any]) -> tuple[int, dict, Any]:
         prompt = body["messages"][-1]["content"]
@@ -77,10 +93,12 @@ class FakeLLM:
         with self._lock:
             queue = self.faults.get(cls)
             fault, arg = queue.pop(0) if queue else ("", None)
-            rid = next(self._ids)
-        outcome = "ok"
+            number = next(self._ids)
+        outcome, message = "ok", ""
         if path != "/v1/chat/completions":
-            outcome = "404"
+            outcome, message = "404", "no such route"
+        elif body["model"] not in self.models:
+            outcome, message = "404", f"The model `{body['model']}` does not exist."
         elif (self.key and auth != f"Bearer {self.key}") or fault == "401":
             outcome = "401"
         elif fault:
@@ -89,34 +107,57 @@ class FakeLLM:
             outcome = "400"
         with self._lock:
             self.log.append(Logged(time.monotonic(), cls, prompt, n, seed, auth, outcome))
-        if outcome in ("404", "401", "400"):
-            return int(outcome), {}, {"error": {"message": f"refused ({outcome})"}}
+        if self.hook is not None:
+            self.hook(number)
         if outcome == "429":
             return 429, {"Retry-After": arg} if arg else {}, {"error": {"message": "slow down"}}
+        if outcome.isdigit():
+            return int(outcome), {}, {"error": {"message": message or f"refused ({outcome})"}}
+        if outcome == "trickle":
+            return 200, {"trickle": arg}, {}
         if outcome == "sleep":  # longer than the client's timeout
             self.release.wait(float(arg or 0))
         if cls in self.delay:
             self.release.wait(self.delay[cls])
-        k = min(n, self.max_n or n)
+        # Without a seed, sampled: each request differs, like a real server's.
+        tag = hashlib.sha256(f"{prompt}|{number if seed is None else seed}".encode())
+        tag = tag.hexdigest()[:8]
         choices = [
             {
                 "index": i,
                 "message": {
                     "role": "assistant",
-                    "content": f"{i + 1}. **{cls}** answer {rid}-{i}:\n a `distinctive` shape",
+                    "content": f"{i + 1}. **{cls}** answer {tag}-{i}:\n a `distinctive` shape",
                 },
                 "finish_reason": "stop",
             }
-            for i in range(k)
+            for i in range(min(n, self.max_n or n))
         ]
-        return 200, {}, {"id": f"c{rid}", "object": "chat.completion", "choices": choices}
+        if outcome == "content":  # the content (and finish reason) of every choice
+            for choice in choices:
+                choice["message"]["content"], choice["finish_reason"] = arg
+        return 200, {}, {"id": f"c{number}", "object": "chat.completion", "choices": choices}
+
+    def reset(self) -> None:
+        """Forget the requests seen: the next is number 1."""
+        with self._lock:
+            self.log.clear()
+            self._ids = itertools.count(1)
 
     def asked(self, outcome: str | None = None, since: float = 0.0) -> list[Logged]:
         with self._lock:
             return [r for r in self.log if r.t >= since and outcome in (None, r.outcome)]
 
+    def wait_for(self, outcome: str | None = None, count: int = 1) -> None:
+        deadline = time.monotonic() + 30
+        while len(self.asked(outcome)) < count:
+            assert time.monotonic() < deadline, f"the server saw no {outcome or 'request'}"
+            time.sleep(0.01)
+
 
 class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers: the client reuses connections
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed ACK
     server: Any
 
     def do_POST(self) -> None:
@@ -124,14 +165,26 @@ class _Handler(BaseHTTPRequestHandler):
         status, headers, payload = self.server.llm.reply(
             self.path, self.headers.get("Authorization"), body
         )
+        trickle = headers.pop("trickle", None)
         data = json.dumps(payload).encode()
         try:
-            self.send_response(status)
-            for name, value in {**headers, "Content-Type": "application/json"}.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            if trickle is None:
+                self.send_response(status)
+                for name, value in {**headers, "Content-Type": "application/json"}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            self.close_connection = True
+            # Valid bytes without end, each well within any per-read timeout: a header line
+            # that never ends, or a body far shorter than its Content-Length.
+            if trickle == "headers":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Pad: ")
+            else:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{")
+            while not self.server.llm.release.wait(0.2):
+                self.wfile.write(b"a" if trickle == "headers" else b" ")
         except OSError:  # the client timed out and hung up
             pass
 
@@ -142,6 +195,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     # The default backlog of 5 drops connections of 8 workers: a 1 s SYN retry, a timeout.
     request_queue_size = 128
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client killed or interrupted mid-request resets its connection: expected here."""
 
 
 @pytest.fixture()
@@ -181,6 +237,50 @@ def fast(llm: FakeLLM, **kwargs: Any) -> dict[str, Any]:
         "progress": False,
         **kwargs,
     }
+
+
+def cli_args(llm: FakeLLM, classes: Path, out: Path, *extra: str) -> list[str]:
+    """``ratta describe`` arguments against the fake server."""
+    return [
+        "describe",
+        "--classes",
+        str(classes),
+        "--out",
+        str(out),
+        "--llm-url",
+        llm.url,
+        "--llm-model",
+        "m",
+        "--per-prompt",
+        "2",
+        "--quiet",
+        *extra,
+    ]
+
+
+@contextlib.contextmanager
+def running(*cmd: str) -> Iterator[subprocess.Popen[str]]:
+    """``cmd`` as a separate process (with this process's environment: the key), killed
+    on the way out if still there."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen(cmd, env=os.environ.copy(), text=True, **pipes)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def interrupt(proc: subprocess.Popen[str]) -> tuple[float, str]:
+    """Ctrl-C to ``proc``: the seconds it took to exit, and its stderr."""
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=10)
+    return time.monotonic() - sent, err
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
 
 
 # --------------------------------------------------------------------------- cleaning
@@ -292,9 +392,9 @@ def test_llm_model_is_required_without_templates_only(tmp_path: Path, capsys) ->
 
 
 def test_the_client_alone_returns_the_answers_of_one_request(llm: FakeLLM) -> None:
+    lines: list[str] = []
     client = ChatClient(
-        url=f"{llm.url}/chat/completions",
-        host="127.0.0.1",
+        base_url=llm.url,
         model="fake-model",
         system="Describe.",
         temperature=0.5,
@@ -303,13 +403,19 @@ def test_the_client_alone_returns_the_answers_of_one_request(llm: FakeLLM) -> No
         timeout=5.0,
         max_retries=0,
         backoff=0.001,
+        on_retry=lines.append,
     )
-    answers = client.sample("What does a class-03 look like?", 3, seed=7)
+
+    async def ask() -> list[str]:
+        async with client:
+            return await client.sample("What does a class-03 look like?", 3, seed=7)
+
+    answers = asyncio.run(ask())
     assert len(answers) == 3 and all(
         a.startswith(f"{i + 1}. **class-03**") for i, a in enumerate(answers)
     )
     assert [(r.n, r.seed, r.outcome) for r in llm.asked()] == [(3, 7, "ok")]
-    assert (client.requests, client.retries) == (1, 0)
+    assert (client.requests, client.retries, lines) == (1, 0, [])
 
 
 def test_the_state_file_alone_keeps_whole_lines_of_the_same_settings(tmp_path: Path) -> None:
@@ -332,7 +438,7 @@ def test_thirty_classes_survive_429s_and_timeouts(llm: FakeLLM, api_key, tmp_pat
         "class-29": [("429", None), ("sleep", "6")],
     }
     out = tmp_path / "cupl.json"
-    manifest = describe(CLASSES, out, **fast(llm, timeout=2.0, seed=5))
+    run = describe(CLASSES, out, **fast(llm, timeout=2.0, seed=5))
 
     cupl = json.loads(out.read_text())
     assert list(cupl) == CLASSES
@@ -345,10 +451,10 @@ def test_thirty_classes_survive_429s_and_timeouts(llm: FakeLLM, api_key, tmp_pat
     # Every (class, prompt) was answered exactly once: nothing lost, nothing asked twice.
     ok = sorted((r.cls, r.prompt) for r in llm.asked("ok"))
     assert ok == sorted((c, p.format(c)) for c in CLASSES for p in prompts)
-    assert manifest["retries"] == 6 and manifest["requests"] == len(llm.asked())
+    assert run.retries == 6 and run.requests == len(llm.asked()) and run.resumed_classes == 0
 
     on_disk = json.loads(Path(f"{out}.manifest.json").read_text())
-    assert on_disk == manifest
+    assert on_disk == run.manifest
     assert on_disk["mode"] == "llm" and on_disk["model"] == "fake-model"
     assert on_disk["endpoint_host"] == llm.url.split("/")[2]
     assert on_disk["prompts"] == list(prompts)
@@ -360,16 +466,25 @@ def test_thirty_classes_survive_429s_and_timeouts(llm: FakeLLM, api_key, tmp_pat
     }
     assert on_disk["counts"] == dict.fromkeys(CLASSES, 15)
     assert on_disk["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
-    assert on_disk["date"].endswith("Z") and on_disk["resumed_classes"] == 0
+    # nothing of this run in the files: a resumed run writes the same bytes
+    assert not {"date", "requests", "retries", "resumed_classes"} & on_disk.keys()
     assert not Path(f"{out}.partial.jsonl").exists()
 
 
-def test_retry_after_is_honoured(llm: FakeLLM, api_key, tmp_path) -> None:
-    llm.faults = {"class-00": [("429", "0.4")]}
-    describe(["class-00"], tmp_path / "d.json", **fast(llm, prompts=TWO_PROMPTS[:1]))
-    first, second = llm.asked()
+def test_each_retry_is_one_line_and_retry_after_is_honoured(
+    llm: FakeLLM, api_key, tmp_path, capsys
+) -> None:
+    llm.faults = {"class-00": [("429", "0.4")], "class-01": [("503", None), ("500", None)]}
+    describe(CLASSES[:2], tmp_path / "d.json", **fast(llm, prompts=TWO_PROMPTS[:1]))
+    first, second = [r for r in llm.asked() if r.cls == "class-00"]
     assert (first.outcome, second.outcome) == ("429", "ok")
     assert second.t - first.t >= 0.4
+    host = llm.url.split("/")[2]
+    assert sorted(capsys.readouterr().err.splitlines()) == [
+        f"ratta: {host}: HTTP 429, attempt 1/9; retrying in 0.4 s (Retry-After)",
+        f"ratta: {host}: HTTP 500, attempt 2/9; retrying in 0.0 s",
+        f"ratta: {host}: HTTP 503, attempt 1/9; retrying in 0.0 s",
+    ]
 
 
 def test_retries_stop_after_max_retries(llm: FakeLLM, api_key, tmp_path) -> None:
@@ -397,7 +512,7 @@ def test_fewer_choices_than_asked_are_topped_up(llm: FakeLLM, api_key, tmp_path)
 def test_server_refusing_n_is_asked_one_answer_at_a_time(llm: FakeLLM, api_key, tmp_path) -> None:
     llm.reject_n = True
     out = tmp_path / "d.json"
-    describe(CLASSES[:3], out, **fast(llm, prompts=TWO_PROMPTS, workers=1))
+    describe(CLASSES[:3], out, **fast(llm, prompts=TWO_PROMPTS, concurrency=1))
     assert all(len(v) == 6 for v in json.loads(out.read_text()).values())
     assert [r.n for r in llm.asked("400")] == [3]
     assert {r.n for r in llm.asked("ok")} == {1}
@@ -427,13 +542,12 @@ def test_bad_key_is_one_line_error_without_retries(
     monkeypatch.setenv("RATTA_LLM_API_KEY", "sk-wrong")
     classes = write_classes(tmp_path / "c.txt", CLASSES[:4])
     out = tmp_path / "d.json"
-    argv = ["describe", "--classes", str(classes), "--out", str(out), "--llm-url", llm.url]
-    assert main([*argv, "--llm-model", "m", "--workers", "1", "--quiet"]) == 2
+    assert main(cli_args(llm, classes, out, "--concurrency", "1")) == 2
     err = capsys.readouterr().err
     assert err.startswith("ratta: error: ") and err.count("\n") == 1
     assert "HTTP 401" in err and "RATTA_LLM_API_KEY" in err and "sk-wrong" not in err
     assert len(llm.asked()) == 1
-    assert not out.exists() and not Path(f"{out}.partial.jsonl").exists()
+    assert files_in(tmp_path) == ["c.txt"]
 
 
 def test_unreachable_endpoint_is_one_line_error(tmp_path, api_key, capsys) -> None:
@@ -451,15 +565,254 @@ def test_unreachable_endpoint_is_one_line_error(tmp_path, api_key, capsys) -> No
     )
 
 
-def test_wrong_url_path_is_one_line_error(llm: FakeLLM, api_key, tmp_path) -> None:
-    url = llm.url.removesuffix("/v1")
-    with pytest.raises(
-        LLMEndpointError,
-        match=r"HTTP 404 from \S+/chat/completions \(refused \(404\)\); check --llm-url",
-    ):
-        describe(["class-00"], tmp_path / "d.json", **{**fast(llm), "llm_url": url})
+@pytest.mark.parametrize(
+    ("url_tail", "model", "message"),
+    [("", "fake-model", "no such route"), ("/v1", "gpt-nine", "The model `gpt-nine` does not")],
+)
+def test_wrong_url_path_or_model_is_one_line_error(
+    llm: FakeLLM, api_key, tmp_path, url_tail, model, message
+) -> None:
+    url = llm.url.removesuffix("/v1") + url_tail
+    with pytest.raises(LLMEndpointError, match=r"HTTP 404 from \S+/chat/completions") as info:
+        describe(["class-00"], tmp_path / "d.json", **fast(llm, llm_url=url, llm_model=model))
+    assert message in str(info.value) and "check --llm-url and --llm-model" in str(info.value)
     prompts = [r.prompt for r in llm.asked("404")]  # those already in flight, none retried
     assert prompts and len(prompts) == len(set(prompts)) == len(llm.asked())
+
+
+# --------------------------------------------------------------------------- a bad endpoint
+
+
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_trickling_server_is_cut_at_the_timeout(
+    llm: FakeLLM, api_key, tmp_path, capsys, part
+) -> None:
+    # A byte every 0.2 s: no read ever waits 0.5 s, yet the reply never completes.
+    llm.faults = {"class-00": [("trickle", part)] * 2}
+    start = time.monotonic()
+    with pytest.raises(
+        LLMEndpointError,
+        match=r"gave up after 2 requests \(last: no complete reply within 0\.5 s\)",
+    ):
+        kwargs = fast(llm, prompts=TWO_PROMPTS[:1], timeout=0.5, max_retries=1)
+        describe(["class-00"], tmp_path / "d.json", **kwargs)
+    assert time.monotonic() - start < 3
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith("no complete reply within 0.5 s, attempt 1/2; retrying in 0.0 s")
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "finish", "what"),
+    [
+        (None, "stop", "null content"),
+        ("", "stop", "empty content"),
+        (" \n ", "stop", "empty content"),
+        ("", "length", "empty content, cut at --max-tokens"),
+        (42, "stop", "non-string (int) content"),
+        ([{"type": "text", "text": "A fox."}], "stop", "non-string (list) content"),
+    ],
+)
+def test_replies_without_text_are_failed_requests(
+    llm: FakeLLM, api_key, tmp_path, capsys, content, finish, what
+) -> None:
+    bad = ("content", (content, finish))
+    llm.faults = {"class-00": [bad], "class-01": [bad, bad]}
+    out = tmp_path / "d.json"
+    run = describe(["class-00"], out, **fast(llm, prompts=TWO_PROMPTS[:1], max_retries=1))
+    assert run.retries == 1 and len(json.loads(out.read_text())["class-00"]) == 3
+    assert f"reply with {what}, attempt 1/2; retrying in" in capsys.readouterr().err
+
+    before = out.read_bytes()
+    last = rf"gave up after 2 requests \(last: reply with {re.escape(what)}\)"
+    with pytest.raises(LLMEndpointError, match=last):
+        describe(["class-01"], out, **fast(llm, prompts=TWO_PROMPTS[:1], max_retries=1))
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--timeout", "nan", "--timeout must be a finite number > 0, got nan"),
+        ("--timeout", "inf", "--timeout must be a finite number > 0, got inf"),
+        ("--timeout", "0", "--timeout must be a finite number > 0, got 0.0"),
+        ("--timeout", "-1", "--timeout must be a finite number > 0, got -1.0"),
+        ("--max-retries", "-1", "--max-retries must be an integer >= 0, got -1"),
+        ("--concurrency", "0", "--concurrency must be an integer >= 1, got 0"),
+        ("--workers", "-3", "--concurrency must be an integer >= 1, got -3"),
+        ("--per-prompt", "0", "--per-prompt must be an integer >= 1, got 0"),
+        ("--max-tokens", "0", "--max-tokens must be an integer >= 1, got 0"),
+        ("--temperature", "nan", "--temperature must be a finite number >= 0, got nan"),
+        ("--temperature", "-0.5", "--temperature must be a finite number >= 0, got -0.5"),
+        ("--llm-url", "localhost:8000", "must be an http(s) URL"),
+    ],
+)
+def test_bad_settings_are_one_line_before_any_request(
+    llm: FakeLLM, api_key, tmp_path, capsys, flag, value, needle
+) -> None:
+    classes = write_classes(tmp_path / "c.txt", CLASSES[:2])
+    assert main([*cli_args(llm, classes, tmp_path / "o" / "d.json"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ratta: error: ") and err.count("\n") == 1
+    assert needle in err
+    assert llm.asked() == [] and files_in(tmp_path) == ["c.txt"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("per_prompt", 2.5), ("seed", 1.5), ("max_retries", True), ("backoff", -1.0)],
+)
+def test_bad_settings_of_the_python_api_are_one_line(
+    llm: FakeLLM, api_key, tmp_path, setting, value
+) -> None:
+    with pytest.raises(RattaInputError, match=rf"must be .*, got {value!r}$"):
+        describe(["class-00"], tmp_path / "d.json", **fast(llm, **{setting: value}))
+    assert llm.asked() == [] and files_in(tmp_path) == []
+
+
+def test_describe_runs_inside_a_running_event_loop(llm: FakeLLM, api_key, tmp_path) -> None:
+    async def notebook_cell(model: str) -> Any:  # Jupyter runs cells inside an event loop
+        kwargs = fast(llm, prompts=TWO_PROMPTS, llm_model=model)
+        return describe(["class-00"], tmp_path / "d.json", **kwargs)
+
+    assert asyncio.run(notebook_cell("m")).manifest["counts"] == {"class-00": 6}
+    with pytest.raises(LLMEndpointError, match="HTTP 404"):  # its errors come through
+        asyncio.run(notebook_cell("gpt-nine"))
+
+
+def test_ctrl_c_inside_a_running_event_loop_stops_within_2_s(
+    llm: FakeLLM, api_key, tmp_path
+) -> None:
+    llm.delay = {"class-00": 60.0}
+    out = tmp_path / "d.json"
+    code = (
+        "import asyncio\n"
+        "from ratta.describe import describe\n"
+        "async def cell():\n"
+        f"    describe(['class-00'], {str(out)!r}, llm_url={llm.url!r}, llm_model='m',\n"
+        "             progress=False)\n"
+        "asyncio.new_event_loop().run_until_complete(cell())\n"  # a loop without asyncio.run's
+    )  # SIGINT handler, as in a notebook kernel
+    with running(sys.executable, "-c", code) as proc:
+        llm.wait_for()
+        took, err = interrupt(proc)
+    assert took < 2 and "KeyboardInterrupt" in err.splitlines()[-1]
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("state", ["reply", "retry", "trickle", "writing"])
+def test_ctrl_c_stops_describe_within_2_s(llm: FakeLLM, api_key, tmp_path, state) -> None:
+    """SIGINT while waiting for a reply, sleeping before a retry, reading a trickle, or
+    writing the outputs (as soon as the CuPL JSON is there: the manifest is next)."""
+    faults = {"retry": [("429", "120")], "trickle": [("trickle", "body")]}
+    llm.faults = {"class-00": faults.get(state, [])}
+    if state != "writing":
+        llm.delay = {"class-00": 60.0}  # an answer takes a minute
+    names = CLASSES[:12] if state == "writing" else ["class-00"]
+    classes = write_classes(tmp_path / "c.txt", names)
+    out = tmp_path / "d.json"
+    argv = cli_args(llm, classes, out, "--concurrency", "1", "--timeout", "100")
+    with running(RATTA, *argv) as proc:
+        if state == "writing":
+            while proc.poll() is None and not out.exists():
+                time.sleep(0.001)
+        else:
+            llm.wait_for()
+            time.sleep(0.3)  # the reply or the 429 reaches the client
+        took, err = interrupt(proc)
+    assert took < 2, f"{took:.1f} s"
+    assert "Traceback" not in err
+    assert ("retrying in 120.0 s (Retry-After)" in err) == (state == "retry")
+    if state != "writing":
+        assert proc.returncode == 130 and err.splitlines()[-1].startswith("ratta: interrupted;")
+        assert files_in(tmp_path) == ["c.txt"]
+        return
+    assert proc.returncode in (0, 130)  # it may have finished first
+    resumable = Path(f"{out}.partial.jsonl").exists()
+    llm.reset()
+    assert main(cli_args(llm, classes, out)) == 0
+    assert files_in(tmp_path) == ["c.txt", "d.json", "d.json.manifest.json"]
+    if resumable:  # every class was recorded: none is asked again
+        assert llm.asked() == []
+
+
+# --------------------------------------------------------------------------- outputs and inputs
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink", "manifest", "progress file"])
+def test_describe_never_writes_over_the_class_list(
+    llm: FakeLLM, api_key, tmp_path, capsys, how
+) -> None:
+    classes = write_classes(tmp_path / "classes.txt", CLASSES[:2])
+    out = {"same": classes, "symlink": tmp_path / "link.txt", "hardlink": tmp_path / "hard.txt"}
+    if how == "symlink":
+        out["symlink"].symlink_to(classes)
+    elif how == "hardlink":
+        os.link(classes, out["hardlink"])
+    elif how == "manifest":  # OUT.manifest.json would land on the class list
+        classes = classes.rename(tmp_path / "d.json.manifest.json")
+        out[how] = tmp_path / "d.json"
+    else:  # so would OUT.partial.jsonl
+        classes = classes.rename(tmp_path / "d.json.partial.jsonl")
+        out[how] = tmp_path / "d.json"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main(cli_args(llm, classes, out[how])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is the input --classes {classes}" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert llm.asked() == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/null"])
+def test_describe_never_replaces_a_device_or_fifo(
+    llm: FakeLLM, api_key, tmp_path, capsys, kind
+) -> None:
+    classes = write_classes(tmp_path / "classes.txt", CLASSES[:2])
+    out = Path(kind) if kind.startswith("/") else tmp_path / "fifo"
+    if kind == "fifo":
+        os.mkfifo(out)
+    assert main(cli_args(llm, classes, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a regular file" in err
+    assert not out.is_file() and llm.asked() == []
+    assert files_in(tmp_path) == sorted(["classes.txt", *(["fifo"] if kind == "fifo" else [])])
+
+
+@pytest.mark.parametrize("where", ["inside", "split file"])
+def test_describe_never_writes_into_the_data_root(
+    llm: FakeLLM, api_key, tmp_path, capsys, where
+) -> None:
+    root = tmp_path / "data"
+    make_coop_dtd(root)
+    split = root / "dtd" / "split_zhou_DescribableTextures.json"
+    out = root / "cupl.json" if where == "inside" else split
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    argv = ["describe", "--dataset", "dtd", "--data-root", str(root), "--out", str(out)]
+    assert main([*argv, "--llm-url", llm.url, "--llm-model", "m", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    needle = f"lies inside the input --data-root {root}" if where == "inside" else "is the input"
+    assert err.count("\n") == 1 and needle in err
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert llm.asked() == []
+
+
+def test_a_second_process_on_the_same_out_stops_with_one_line(
+    llm: FakeLLM, api_key, tmp_path
+) -> None:
+    llm.delay = {"class-00": 60.0}
+    classes = write_classes(tmp_path / "c.txt", ["class-00", "class-01"])
+    out = tmp_path / "d.json"
+    argv = cli_args(llm, classes, out, "--concurrency", "1")
+    with running(RATTA, *argv) as first:
+        llm.wait_for()  # the first process holds the lock and waits for its reply
+        second = subprocess.run([RATTA, *argv], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1
+        assert f"another ratta process (pid {first.pid}) is writing it" in second.stderr
+        assert len(llm.asked()) == 1  # the second one asked nothing
+        llm.release.set()
+        assert first.wait(timeout=30) == 0
+    assert list(json.loads(out.read_text())) == ["class-00", "class-01"]
+    assert files_in(tmp_path) == ["c.txt", "d.json", "d.json.manifest.json"]
 
 
 # --------------------------------------------------------------------------- resume
@@ -471,7 +824,7 @@ def test_rerun_reuses_finished_classes_and_refuses_other_settings(
     llm.faults = {"class-02": [("401", None)]}
     out = tmp_path / "d.json"
     partial = Path(f"{out}.partial.jsonl")
-    kwargs = fast(llm, prompts=TWO_PROMPTS, workers=1)
+    kwargs = fast(llm, prompts=TWO_PROMPTS, concurrency=1)
     with pytest.raises(LLMEndpointError, match="HTTP 401"):
         describe(CLASSES[:5], out, **kwargs)
     lines = partial.read_text().splitlines()
@@ -483,37 +836,43 @@ def test_rerun_reuses_finished_classes_and_refuses_other_settings(
         describe(CLASSES[:5], out, **{**kwargs, "temperature": 0.5})
 
     since = time.monotonic()
-    manifest = describe(CLASSES[:5], out, **kwargs)
+    run = describe(CLASSES[:5], out, **kwargs)
     assert {r.cls for r in llm.asked(since=since)} == set(CLASSES[2:5])
-    assert manifest["resumed_classes"] == 2
+    assert run.resumed_classes == 2
     assert json.loads(out.read_text())["class-00"][0].startswith("class-00 answer ")
     assert list(json.loads(out.read_text())) == CLASSES[:5]
     assert not partial.exists()
 
 
+def reference_run(llm: FakeLLM, argv: list[str], out: Path) -> dict[str, bytes]:
+    """The bytes an uninterrupted run of ``argv`` writes, run into a folder of its own."""
+    ref = out.parent.with_name("reference") / out.name
+    assert main([str(ref) if a == str(out) else a for a in argv]) == 0
+    llm.reset()
+    return {"cupl": ref.read_bytes(), "manifest": Path(f"{ref}.manifest.json").read_bytes()}
+
+
+def written(out: Path) -> dict[str, bytes]:
+    return {"cupl": out.read_bytes(), "manifest": Path(f"{out}.manifest.json").read_bytes()}
+
+
 def test_resume_after_kill_does_not_ask_finished_classes_again(
     llm: FakeLLM, api_key, tmp_path
 ) -> None:
+    classes = write_classes(tmp_path / "classes.txt", CLASSES)
+    out = tmp_path / "run" / "cupl.json"
+    partial = Path(f"{out}.partial.jsonl")
+    argv = cli_args(llm, classes, out, "--concurrency", "4", "--seed", "1")
+    expected = reference_run(llm, argv, out)
+
     finished = CLASSES[:6]
     llm.delay = dict.fromkeys(CLASSES[6:], 60.0)
-    classes = write_classes(tmp_path / "classes.txt", CLASSES)
-    out = tmp_path / "cupl.json"
-    partial = Path(f"{out}.partial.jsonl")
-    argv = ["describe", "--classes", str(classes), "--out", str(out), "--llm-url", llm.url]
-    argv += ["--llm-model", "m", "--per-prompt", "2", "--workers", "4", "--quiet"]
-    ratta = Path(sys.executable).with_name("ratta")
-    proc = subprocess.Popen([str(ratta), *argv], env=os.environ.copy(), stderr=subprocess.PIPE)
-    try:
+    with running(RATTA, *argv) as proc:
         deadline = time.monotonic() + 20
         while not (partial.exists() and partial.read_text().count('"class"') == len(finished)):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"no progress before the kill: {proc.communicate()[1].decode()}")
+            assert time.monotonic() < deadline and proc.poll() is None, "no progress"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.communicate()
     assert not out.exists()
 
     llm.delay = {}
@@ -522,11 +881,52 @@ def test_resume_after_kill_does_not_ask_finished_classes_again(
     asked_again = {r.cls for r in llm.asked(since=since)}
     assert asked_again == set(CLASSES[6:])
     cupl = json.loads(out.read_text())
-    assert list(cupl) == CLASSES
     assert all(len(v) == 2 * len(QUESTION_PROMPTS["objects"]) for v in cupl.values())
-    assert all(a.startswith(f"{c} answer ") for c, v in cupl.items() for a in v)
-    assert json.loads(Path(f"{out}.manifest.json").read_text())["resumed_classes"] == 6
-    assert not partial.exists()
+    assert written(out) == expected
+    assert files_in(out.parent) == ["cupl.json", "cupl.json.manifest.json"]
+
+
+def test_kill_9_at_any_point_then_a_rerun_writes_the_same_bytes(
+    llm: FakeLLM, api_key, tmp_path
+) -> None:
+    """Killed at its first request, mid-run, at its last request, and as it writes the
+    outputs; the rerun writes what an uninterrupted run writes, and cleans what was left."""
+    names, prompts = CLASSES[:12], len(QUESTION_PROMPTS["objects"])
+    classes = write_classes(tmp_path / "classes.txt", names)
+    out = tmp_path / "run" / "cupl.json"
+    partial = Path(f"{out}.partial.jsonl")
+    argv = cli_args(llm, classes, out, "--concurrency", "3", "--seed", "4")
+    expected = reference_run(llm, argv, out)
+
+    def finished() -> int:
+        return partial.read_text().count('"class"') if partial.exists() else 0
+
+    victim: dict[str, int] = {}
+
+    def kill_at(number: int) -> None:  # on the server, as the request arrives
+        if number == victim.get("at"):
+            os.kill(victim["pid"], signal.SIGKILL)
+
+    llm.hook = kill_at
+    for point in ("first", "middle", "last", "outputs"):
+        left = (len(names) - finished()) * prompts  # requests this run will send
+        at = {"first": 1, "middle": left // 2, "last": left, "outputs": 0}[point]
+        llm.reset()
+        victim["at"] = at
+        with running(RATTA, *argv) as proc:
+            victim["pid"] = proc.pid
+            if point == "outputs":  # the CuPL JSON is there: the manifest or cleanup is next
+                while proc.poll() is None and not out.exists():
+                    time.sleep(0.001)
+                proc.kill()
+            proc.wait(timeout=60)
+        assert proc.returncode in ((-9, 0) if point == "outputs" else (-9,)), point
+    llm.hook = None
+
+    assert main(argv) == 0
+    assert written(out) == expected
+    assert files_in(out.parent) == ["cupl.json", "cupl.json.manifest.json"]
+    assert not lock_path(out).exists()
 
 
 # --------------------------------------------------------------------------- templates only

@@ -8,6 +8,7 @@ from ratta.cli.options import command
 from ratta.describe.client import DEFAULT_LLM_URL, KEY_ENV
 from ratta.describe.prompts import GENERIC_TEMPLATES, KINDS
 from ratta.errors import RattaInputError
+from ratta.guard import Read
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +35,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--kind", choices=KINDS, help="which question prompts (default: the preset's, or objects)"
     )
-    p.add_argument("--workers", type=int, default=8, help="requests in flight (%(default)s)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (%(default)s)")
+    p.add_argument(
+        "--concurrency",
+        "--workers",
+        type=int,
+        default=8,
+        help="requests in flight (%(default)s); --workers is the older name",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds for one whole request, sending to the reply's last byte (%(default)s)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=8,
+        help="times a failed request (HTTP 408/429/5xx, timeout, lost connection, reply "
+        "without text) is sent again (%(default)s)",
+    )
     p.add_argument(
         "--templates-only",
         action="store_true",
@@ -51,15 +70,16 @@ def _run(args: argparse.Namespace) -> int:
     preset = get_preset(args.dataset) if args.dataset else None
     if args.classes:
         names = read_class_names(args.classes)
+        reads = Read.of(args.classes, "--classes")
     elif preset is not None:
-        names = _dataset_class_names(args.dataset, args.data_root)
+        names, reads = _dataset_classes(args.dataset, args.data_root)
     else:
         raise RattaInputError("describe needs the class names: give --classes FILE")
     kind = args.kind or (preset.kind if preset else "objects")
     templates = None
     if args.templates_only:
         templates = preset.templates if preset else GENERIC_TEMPLATES[kind]
-    manifest = describe(
+    run = describe(
         names,
         args.out,
         kind=kind,
@@ -69,25 +89,35 @@ def _run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         max_tokens=args.max_tokens,
         seed=args.seed,
-        workers=args.workers,
+        concurrency=args.concurrency,
         templates=templates,
         timeout=args.timeout,
+        max_retries=args.max_retries,
         progress=not args.quiet,
+        reads=reads,
     )
+    manifest = run.manifest
+    took = ""
+    if manifest["mode"] == "llm":
+        took = f"; {run.requests} requests, {run.retries} retries"
+        if run.resumed_classes:
+            took += f", {run.resumed_classes} classes resumed"
     print(
         f"wrote {args.out} ({manifest['classes']} classes, {manifest['descriptions']} "
-        f"descriptions, {manifest['mode']}) and {args.out}.manifest.json"
+        f"descriptions, {manifest['mode']}{took}) and {args.out}.manifest.json"
     )
     return 0
 
 
-def _dataset_class_names(dataset: str, data_root: str | None) -> list[str]:
-    """Class names of ``dataset`` in label order, read from its files under ``data_root``."""
+def _dataset_classes(dataset: str, data_root: str | None) -> tuple[list[str], list[Read]]:
+    """Class names of ``dataset`` in label order, read from its files under ``data_root``,
+    and what was read for them (the data root and the split files: no output may land there)."""
     if not data_root:
         raise RattaInputError(
             f"--dataset {dataset}: give --data-root DIR to read its class names, "
             "or --classes FILE (one name per line)"
         )
-    from ratta.datasets import class_names
+    from ratta.datasets import load_split
 
-    return class_names(dataset, data_root)
+    split = load_split(dataset, data_root)
+    return split.class_names, split.reads()

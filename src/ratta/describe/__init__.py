@@ -12,7 +12,8 @@ Modules, each usable alone:
 
 - ``prompts``: the question prompts, hand templates and system message (data);
 - ``cleaning``: an answer -> one plain sentence;
-- ``client``: the chat-completions endpoint (HTTP, retries, one-line errors);
+- ``client``: the chat-completions endpoint (httpx2, a deadline per request, retries,
+  one-line errors);
 - ``state``: the resumable ``<out>.partial.jsonl``;
 - ``loop``: :func:`describe`, which asks, cleans, records and writes.
 """
@@ -25,7 +26,7 @@ from ratta.describe.client import (
     MAX_RETRY_AFTER_S,
     LLMEndpointError,
 )
-from ratta.describe.loop import describe, read_class_names
+from ratta.describe.loop import Described, describe, read_class_names
 from ratta.describe.prompts import (
     GENERIC_TEMPLATES,
     KINDS,
@@ -45,6 +46,7 @@ __all__ = [
     "QUESTION_PROMPTS",
     "SYSTEM_PROMPT",
     "TEMPLATES_ONLY_NOTE",
+    "Described",
     "LLMEndpointError",
     "clean_answer",
     "clean_answers",

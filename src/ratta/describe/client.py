@@ -1,24 +1,31 @@
-"""The chat-completions client: an OpenAI-compatible endpoint over ``urllib``, with retries.
+"""The chat-completions client: an OpenAI-compatible endpoint over ``httpx2``, with retries.
 
 It knows nothing of classes or prompts: it asks for ``n`` answers to one prompt and returns
-their texts. Failures that retrying cannot fix are one ``LLMEndpointError`` line.
+their texts. ``httpx2`` does the HTTP (pooled keep-alive connections, TLS, proxies, typed
+errors, asyncio cancellation, so that Ctrl-C stops requests in flight at once); it is
+installed with open_clip already, through huggingface_hub. What no HTTP client does is
+here: a deadline over a whole request (per-read timeouts never trip on a server that
+trickles a byte at a time), which failures are worth sending again, backoff, Retry-After,
+and a reply without text counted as a failure. Failures that retrying cannot fix are one
+``LLMEndpointError`` line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
-import http.client
 import json
+import math
 import os
 import random
 import socket
-import threading
-import urllib.error
-import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
+
+import httpx2
 
 from ratta.errors import RattaInputError
 
@@ -38,8 +45,13 @@ class _BadRequest(LLMEndpointError):
     """HTTP 400: the server refused the request body."""
 
 
-class Cancelled(Exception):
-    """Another request failed for good; the remaining ones stop."""
+class _Failed(Exception):
+    """A request that may succeed when sent again; ``retry_after``: the server's wait."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 def endpoint_host(url: str) -> str:
@@ -60,14 +72,17 @@ def api_key() -> str | None:
 
 @dataclass
 class ChatClient:
-    """Chat-completions requests with retries; shared by the worker threads.
+    """Chat-completions requests at ``base_url``/chat/completions, with retries.
 
-    ``system`` is the system message sent before every prompt; ``stop`` cancels the
-    requests in flight (set on the first failure that retrying cannot fix).
+    Use as ``async with ChatClient(...) as client``; its tasks share one connection pool.
+    ``timeout`` bounds each request as a whole, from sending to the last byte of the reply.
+    A failed request (HTTP 408, 429 or 5xx, a timeout, a lost connection, a reply whose
+    content is null, empty or not a string) is sent again up to ``max_retries`` times,
+    after the server's Retry-After or ``backoff * 2**k`` seconds (k = 0, 1, ...; at most
+    :data:`MAX_BACKOFF_S`) times a random 0.5-1.5; ``on_retry`` gets one line per retry.
     """
 
-    url: str
-    host: str
+    base_url: str
     model: str
     system: str
     temperature: float
@@ -76,25 +91,34 @@ class ChatClient:
     timeout: float
     max_retries: int
     backoff: float
-    stop: threading.Event = field(default_factory=threading.Event)
+    on_retry: Callable[[str], None]
     requests: int = 0
     retries: int = 0
     single_choice: bool = False
-    failure: LLMEndpointError | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    host: str = field(init=False)
+    url: str = field(init=False)
+    _http: httpx2.AsyncClient | None = field(default=None, init=False)
 
-    def sample(self, prompt: str, count: int, seed: int | None) -> list[str]:
+    def __post_init__(self) -> None:
+        self.host = endpoint_host(self.base_url)
+        self.url = self.base_url.rstrip("/") + "/chat/completions"
+
+    async def __aenter__(self) -> Self:
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        # No httpx2 timeouts and no pool limit: the deadline in _attempt bounds every phase
+        # of a request, and the caller bounds the requests in flight.
+        self._http = httpx2.AsyncClient(
+            headers=headers, timeout=None, limits=httpx2.Limits(max_connections=None)
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._http is not None
+        await self._http.aclose()
+        self._http = None
+
+    async def sample(self, prompt: str, count: int, seed: int | None) -> list[str]:
         """``count`` answers to ``prompt``: one request asking ``n=count``, more if it gave less."""
-        try:
-            return self._sample(prompt, count, seed)
-        except LLMEndpointError as exc:
-            # Set here, not by the caller: this worker would otherwise start its next request.
-            with self._lock:
-                self.failure = self.failure or exc
-            self.stop.set()
-            raise
-
-    def _sample(self, prompt: str, count: int, seed: int | None) -> list[str]:
         answers: list[str] = []
         follow_up = 0
         while len(answers) < count:
@@ -102,7 +126,7 @@ class ChatClient:
             # Follow-ups shift the seed: the same seed would return the same answers again.
             request_seed = None if seed is None else seed + follow_up
             try:
-                got = self._complete(prompt, n, request_seed)
+                got = await self.complete(prompt, n, request_seed)
             except _BadRequest:
                 if n == 1:
                     raise
@@ -113,7 +137,8 @@ class ChatClient:
             follow_up += 1
         return answers
 
-    def _complete(self, prompt: str, n: int, seed: int | None) -> list[str]:
+    async def complete(self, prompt: str, n: int, seed: int | None) -> list[str]:
+        """The ``n`` answer texts of one request, sent again while it fails and may not."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": [
@@ -126,117 +151,119 @@ class ChatClient:
         }
         if seed is not None:
             body["seed"] = seed
-        reply = self._post(json.dumps(body).encode())
-        choices = reply.get("choices") if isinstance(reply, dict) else None
+        attempts, attempt = self.max_retries + 1, 0
+        while True:
+            attempt += 1
+            self.requests += 1
+            try:
+                return await self._attempt(body)
+            except _Failed as failure:
+                if attempt == attempts:
+                    raise LLMEndpointError(
+                        f"{self.host}: gave up after {attempts} requests (last: "
+                        f"{failure.reason}); try again later or with a lower --concurrency"
+                    ) from None
+                if failure.retry_after is not None:
+                    wait, why = failure.retry_after, " (Retry-After)"
+                else:
+                    # the exponent capped: 2.0**1024 overflows, and 60 s is reached long before
+                    backoff = min(MAX_BACKOFF_S, self.backoff * 2.0 ** min(attempt - 1, 32))
+                    wait, why = backoff * random.uniform(0.5, 1.5), ""
+                self.retries += 1
+                self.on_retry(
+                    f"{self.host}: {failure.reason}, attempt {attempt}/{attempts}; "
+                    f"retrying in {wait:.1f} s{why}"
+                )
+                await asyncio.sleep(wait)
+
+    async def _attempt(self, body: dict[str, Any]) -> list[str]:
+        assert self._http is not None, "use ChatClient as an async context manager"
+        try:
+            async with asyncio.timeout(self.timeout):
+                response = await self._http.post(self.url, json=body)
+        except TimeoutError:
+            raise _Failed(f"no complete reply within {self.timeout:g} s") from None
+        except httpx2.ConnectError as exc:
+            raise self._unreachable(exc) from None
+        except httpx2.TransportError as exc:
+            raise _Failed(f"connection lost ({type(exc).__name__})") from None
+        if not response.is_success:
+            raise self._refused(response)
+        try:
+            payload = response.json()
+        except ValueError:
+            raise LLMEndpointError(f"{self.host}: the reply is not JSON; check --llm-url") from None
+        choices = payload.get("choices") if isinstance(payload, dict) else None
         if not isinstance(choices, list):
             raise LLMEndpointError(
                 f"{self.host}: the reply is not a chat completion (no 'choices'); "
                 "check --llm-url (it should end in /v1 or similar)"
             )
         if not choices:
-            raise LLMEndpointError(f"{self.host}: the reply has no choices for prompt {prompt!r}")
+            raise _Failed("reply without choices")
         return [_choice_text(c) for c in choices]
 
-    def _post(self, data: bytes) -> Any:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        attempt = 0
-        while not self.stop.is_set():
-            with self._lock:
-                self.requests += 1
-            wait: float | None = None
-            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
-            except urllib.error.HTTPError as exc:
-                wait = self._retryable_status(exc)
-                reason = f"HTTP {exc.code}"
-            except urllib.error.URLError as exc:
-                reason = self._retryable_network(exc.reason)
-            except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-                reason = self._retryable_network(exc)
-            else:
-                try:
-                    return json.loads(payload)
-                except ValueError:
-                    raise LLMEndpointError(
-                        f"{self.host}: the reply is not JSON; check --llm-url"
-                    ) from None
-            if attempt == self.max_retries:
-                raise LLMEndpointError(
-                    f"{self.host}: gave up after {attempt + 1} requests (last: {reason}); "
-                    "try again later or with fewer --workers"
-                )
-            with self._lock:
-                self.retries += 1
-            if wait is None:
-                wait = min(MAX_BACKOFF_S, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
-            self.stop.wait(wait)
-            attempt += 1
-        raise Cancelled
-
-    def _retryable_status(self, exc: urllib.error.HTTPError) -> float | None:
-        """Retry-After seconds (or None) of a retryable HTTP error; raise for the others."""
-        raw = _error_body(exc)
-        message = _one_line_message(raw) or str(exc.reason)
-        retry_after = _retry_after(exc.headers.get("Retry-After"))
-        if exc.code in (401, 403):
+    def _refused(self, response: httpx2.Response) -> Exception:
+        """What an HTTP error status means: a :class:`_Failed` to retry, or the error line."""
+        code, raw = response.status_code, response.text
+        if code in (401, 403):
             names = " or ".join(KEY_ENV)
             state = "the key was rejected" if self.key else f"no key is set ({names})"
-            raise LLMEndpointError(
-                f"{self.host}: HTTP {exc.code}, {state}; set a valid API key in {names}"
+            return LLMEndpointError(
+                f"{self.host}: HTTP {code}, {state}; set a valid API key in {names}"
             )
         # OpenAI's answer to an empty account: retrying cannot help.
-        if exc.code == 429 and "insufficient_quota" in raw:
-            raise LLMEndpointError(f"{self.host}: HTTP 429, the account is out of quota")
-        if exc.code == 400:
-            raise _BadRequest(
+        if code == 429 and "insufficient_quota" in raw:
+            return LLMEndpointError(f"{self.host}: HTTP 429, the account is out of quota")
+        message = _one_line_message(raw) or response.reason_phrase
+        if code == 400:
+            return _BadRequest(
                 f"{self.host}: HTTP 400 ({message}); check --llm-model, --max-tokens and "
                 "--temperature"
             )
-        if exc.code not in (408, 429) and exc.code < 500:
-            raise LLMEndpointError(
-                f"{self.host}: HTTP {exc.code} from {self.url} ({message}); "
+        if code not in (408, 429) and code < 500:
+            return LLMEndpointError(
+                f"{self.host}: HTTP {code} from {self.url} ({message}); "
                 "check --llm-url and --llm-model"
             )
+        retry_after = _retry_after(response.headers.get("Retry-After"))
         if retry_after is not None and retry_after > MAX_RETRY_AFTER_S:
-            raise LLMEndpointError(
-                f"{self.host}: HTTP {exc.code} asks to retry after {retry_after:.0f} s; "
+            return LLMEndpointError(
+                f"{self.host}: HTTP {code} asks to retry after {retry_after:.0f} s; "
                 "the rate limit or quota is exhausted"
             )
-        return retry_after
+        return _Failed(f"HTTP {code}", retry_after)
 
-    def _retryable_network(self, reason: object) -> str:
-        """Name of a retryable network failure; raise for an unreachable endpoint."""
-        if isinstance(reason, TimeoutError):
-            return f"timed out after {self.timeout:g} s"
-        if isinstance(reason, ConnectionRefusedError):
-            raise LLMEndpointError(
-                f"cannot reach {self.host}: connection refused; is the server running? "
-                "(check --llm-url)"
-            )
-        if isinstance(reason, socket.gaierror):
-            raise LLMEndpointError(f"cannot reach {self.host}: unknown host (check --llm-url)")
-        if isinstance(reason, ConnectionError | http.client.HTTPException):
-            return f"connection lost ({type(reason).__name__})"
-        raise LLMEndpointError(f"cannot reach {self.host}: {reason} (check --llm-url)")
+    def _unreachable(self, exc: httpx2.ConnectError) -> LLMEndpointError:
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, ConnectionRefusedError):
+                return LLMEndpointError(
+                    f"cannot reach {self.host}: connection refused; is the server running? "
+                    "(check --llm-url)"
+                )
+            if isinstance(cause, socket.gaierror):
+                return LLMEndpointError(f"cannot reach {self.host}: unknown host (check --llm-url)")
+            cause = cause.__cause__ or cause.__context__
+        return LLMEndpointError(f"cannot reach {self.host}: {exc} (check --llm-url)")
 
 
 def _choice_text(choice: Any) -> str:
+    """The text of one choice; a null, empty or non-string content fails the request."""
     message = choice.get("message") if isinstance(choice, dict) else None
     content = message.get("content") if isinstance(message, dict) else None
-    return content if isinstance(content, str) else ""
-
-
-def _error_body(exc: urllib.error.HTTPError) -> str:
-    try:
-        return exc.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    finally:
-        exc.close()
+    if isinstance(content, str) and content.strip():
+        return content
+    what = (
+        "null"
+        if content is None
+        else "empty"
+        if isinstance(content, str)
+        else f"non-string ({type(content).__name__})"
+    )
+    # Reasoning models spend a small --max-tokens before writing any answer.
+    cut = isinstance(choice, dict) and choice.get("finish_reason") == "length"
+    raise _Failed(f"reply with {what} content" + (", cut at --max-tokens" if cut else ""))
 
 
 def _one_line_message(raw: str) -> str:
@@ -257,9 +284,11 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return None if math.isnan(seconds) else max(0.0, seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
