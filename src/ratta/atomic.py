@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ratta.errors import RattaInputError
-
 
 def current_umask() -> int:
     """The process's umask, read without changing it where Linux tells it (/proc), so that
@@ -66,15 +64,3 @@ def publish(path: Path) -> None:
     umask = current_umask()
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """Fail early, before any work, if ``path`` cannot be written."""
-    out = Path(path)
-    if out.is_dir():
-        raise RattaInputError(f"{out}: output path is a directory; give a file name")
-    if not out.parent.is_dir():
-        raise RattaInputError(f"{out}: output directory {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise RattaInputError(f"{out}: output directory {out.parent} is not writable")
-    return out

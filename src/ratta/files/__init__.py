@@ -16,7 +16,7 @@ Modules, one per contract: ``features``, ``text``, ``database`` (the output is w
 ``safetensors_io``: safetensors reading and (streamed) writing.
 """
 
-from ratta.atomic import atomic_path, check_output_path, write_json, write_text_atomic
+from ratta.atomic import atomic_path, write_json, write_text_atomic
 from ratta.files.checks import (
     EMBED_DTYPES,
     NORM_TOL,
@@ -43,7 +43,6 @@ __all__ = [
     "atomic_path",
     "check_embeddings",
     "check_norms",
-    "check_output_path",
     "load_database",
     "load_text",
     "open_database",
