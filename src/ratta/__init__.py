@@ -20,23 +20,27 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptInputs",
     "BatchResult",
     "ExactRetriever",
     "FaissRetriever",
     "RATTAConfig",
     "RattaInputError",
     "__version__",
+    "load_inputs",
     "ratta_batch",
 ]
 
 # The exports load on first use (PEP 562): `ratta --help` and `ratta --version` start
 # without importing torch.
 _EXPORTS = {
+    "AdaptInputs": "ratta.adapt",
     "BatchResult": "ratta.engine",
     "ExactRetriever": "ratta.retrieval",
     "FaissRetriever": "ratta.retrieval",
     "RATTAConfig": "ratta.config",
     "RattaInputError": "ratta.errors",
+    "load_inputs": "ratta.adapt",
     "ratta_batch": "ratta.engine",
 }
 

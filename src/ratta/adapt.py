@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from ratta import __version__
 from ratta.config import RATTAConfig
@@ -37,6 +36,8 @@ from ratta.files import (
 )
 from ratta.guard import Read, Write, guarded, output_files
 from ratta.metrics import topk_accuracy
+from ratta.progress import Progress, label, progress_bar
+from ratta.provenance import stamp
 from ratta.resources import available_memory, gib, peak_rss_mb
 from ratta.retrieval import ExactRetriever, FaissRetriever
 
@@ -168,6 +169,65 @@ def _load_search(inp: _Inputs, dev: torch.device, work: torch.dtype, search: str
     )
 
 
+@dataclass
+class AdaptInputs:
+    """The engine's inputs read from the three documented files: the fields are
+    :func:`ratta.engine.ratta_batch`'s arguments, in its order."""
+
+    x: Tensor
+    """[N, V+1, d] test embeddings, the center crop first."""
+    classifier: Tensor
+    """[C, d] the zero-shot (CuPL) classifier W."""
+    desc: Tensor
+    """[M, d] the description embeddings T."""
+    desc_class: Tensor
+    """[M] int64, the class owning each description row."""
+    scale: float
+    """The logit scale s."""
+    retriever: ExactRetriever | FaissRetriever
+    """Exact L2 search over the database rows (``retriever.embeddings`` [N_db, d])."""
+    labels: Tensor | None
+    """[N] int64 test labels, if the features file has them."""
+    class_names: list[str]
+
+
+def load_inputs(
+    features: str | os.PathLike[str],
+    text: str | os.PathLike[str],
+    db: str | os.PathLike[str],
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    views: int | None = None,
+) -> AdaptInputs:
+    """Read a features file, a text file and a database (``.npy`` or folder) for the engine.
+
+    Validated as ``adapt`` validates them (one-line errors naming the file and key); the
+    tensors are in ``dtype`` on ``device``. ``views`` keeps the first V' views. Every test
+    image is loaded at once (N x (V+1) x d values): for large splits, :func:`adapt`
+    streams them in batches.
+    """
+    if dtype not in DTYPES:
+        raise RattaInputError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    dev = resolve_device(device)
+    inp = _open_inputs(features, text, db, "exact", views)
+    loaded = _load_search(inp, dev, DTYPES[dtype], "exact")
+    x = inp.reader.batch(0, inp.reader.num_images, views).to(device=dev, dtype=DTYPES[dtype])
+    inp.reader.warn_renormalised()
+    labels = inp.reader.labels
+    inp.reader.close()
+    return AdaptInputs(
+        x,
+        loaded.classifier,
+        loaded.desc,
+        loaded.desc_class,
+        loaded.logit_scale,
+        loaded.retriever,
+        labels,
+        inp.txt.class_names,
+    )
+
+
 def check_batch_memory(
     reader: FeatureReader, views: int | None, batch_size: int, work: torch.dtype
 ) -> None:
@@ -266,7 +326,7 @@ def adapt(
     dtype: str = "float32",
     search: str = "exact",
     views: int | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     backend: RayBackend | None = None,
 ) -> dict[str, Any]:
     """Run RA-TTA over a features file and write ``out`` (safetensors) and ``out.json``.
@@ -315,7 +375,7 @@ def adapt(
             loaded = _load_search(inp, dev, work, search)
         database_rows, desc_rows = loaded.retriever.size, int(loaded.desc.shape[0])
         parts: dict[str, list[Tensor]] = defaultdict(list)
-        bar = tqdm(spans, desc="adapt", unit="batch", disable=not progress, leave=False)
+        bar = progress_bar(progress, "adapt", iterable=spans, unit="batch", leave=False)
         with torch.inference_mode():
             for span in bar:
                 result = _adapt_range(inp, loaded, span, config, work, timer)
@@ -330,7 +390,7 @@ def adapt(
 
     n_cand = (outputs["candidates"] >= 0).sum(1)
     summary: dict[str, Any] = {
-        "ratta_version": __version__,
+        **stamp(),
         "inputs": {"features": str(features), "text": str(text), "db": str(db)},
         "counts": {
             "images": n,
@@ -399,7 +459,7 @@ def _adapt_on_ray(
     batch_size: int,
     backend: RayBackend,
     timer: StageTimer,
-    progress: bool,
+    progress: Progress,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Adapt ``spans`` on Ray workers; outputs concatenated in order, and the shard report.
 
@@ -435,7 +495,7 @@ def _adapt_on_ray(
         total=len(spans),
         sizes=[spans[i][1] - spans[i][0] for i in todo],
         progress=progress,
-        desc="adapt",
+        desc=label(progress, "adapt"),
         unit="image",
     )
     report.raise_if_failed(store.folder)

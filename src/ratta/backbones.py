@@ -11,7 +11,7 @@ import threading
 import urllib.parse
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -175,13 +175,23 @@ class Backbone:
         return F.normalize(feats.float(), dim=-1)
 
     @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> Tensor:
-        """L2-normalised float32 text embeddings [T, d] (texts truncated to the context)."""
+    def encode_texts(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 256,
+        on_batch: Callable[[int], object] | None = None,
+    ) -> Tensor:
+        """L2-normalised float32 text embeddings [T, d] (texts truncated to the context).
+
+        ``on_batch(n)`` is called after each batch of n texts (a progress bar's update).
+        """
         out = []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
             with self._autocast():
                 out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+            if on_batch is not None:
+                on_batch(tokens.shape[0])
         return torch.cat(out).cpu() if out else torch.empty(0)
 
 

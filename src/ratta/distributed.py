@@ -44,6 +44,8 @@ from ratta.identity import changes
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from ratta.progress import Progress
+
 BACKENDS = ("local", "ray")
 
 
@@ -340,7 +342,7 @@ def run_shards(
     *,
     total: int,
     sizes: Sequence[int] | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     desc: str = "shards",
     unit: str = "item",
 ) -> ShardReport:

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
-from ratta import __version__
 from ratta.backbones import BackboneSpec, backbone_fingerprint
 from ratta.config import RATTAConfig
 from ratta.errors import RattaInputError
@@ -34,27 +33,22 @@ from ratta.files import FeatureReader, load_text, save_safetensors, write_json, 
 from ratta.guard import Read, Write, claim
 from ratta.metrics import classification_metrics
 from ratta.presets import PRESETS
+from ratta.progress import Progress, label
+from ratta.provenance import stamp
+from ratta.published import NAMES as PUBLISHED_NAMES
+from ratta.published import (
+    SHIFTS,
+    TRANSFER,
+    Figure,
+    published,
+    published_average,
+    sources_of,
+)
+from ratta.summary import format_times
 
 if TYPE_CHECKING:
     from ratta.distributed import RayBackend
 
-# The paper's table layout: 13 transfer datasets (ImageNet among them) and 4 ImageNet shifts.
-TRANSFER = (
-    "imagenet",
-    "caltech101",
-    "caltech256",
-    "dtd",
-    "fgvc_aircraft",
-    "food101",
-    "flowers102",
-    "oxford_pets",
-    "stanford_cars",
-    "sun397",
-    "ucf101",
-    "cub200",
-    "resisc45",
-)
-SHIFTS = ("imagenet_v2", "imagenet_sketch", "imagenet_adversarial", "imagenet_rendition")
 ALL_DATASETS = TRANSFER + SHIFTS
 
 METHODS = {
@@ -63,16 +57,6 @@ METHODS = {
     "cupl": "CuPL",
     "retrieval": "Retrieval only",
     "ratta": "RA-TTA",
-}
-# ViT-B/16 top-1 figures stated in method.md (ICLR 2025 paper and the authors' logs).
-PUBLISHED = {
-    "ratta": {
-        "fgvc_aircraft": 73.09 * 0 + 32.22,
-        "imagenet_adversarial": 59.55,
-        "transfer_average": 73.09,
-        "shifts_average": 63.47,
-    },
-    "cupl": {"fgvc_aircraft": 28.98, "imagenet_adversarial": 50.23, "transfer_average": 70.81},
 }
 # Bumped when a cell's identity rules change (2: content identities of every input).
 CELL_FORMAT = 2
@@ -214,7 +198,7 @@ def evaluate(
     cache: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     workers: int = 2,
-    progress: bool = False,
+    progress: Progress = False,
     log: Any = None,
     backend: RayBackend | None = None,
     force: bool = False,
@@ -242,6 +226,8 @@ def evaluate(
     seeds = distinct(seeds, "--seeds")
     out = Path(out_dir)
     say = log or (lambda _msg: None)
+    started = time.perf_counter()
+    stages: dict[str, float] = {"check": 0.0}
     bb_fp = backbone_fingerprint(spec, device)
     failures: list[dict[str, Any]] = []
 
@@ -270,6 +256,7 @@ def evaluate(
                 )
             except RattaInputError as exc:
                 failed(dataset, seed, exc)
+    stages["check"] = time.perf_counter() - started
     writes = [Write(out, "--out", "folder")]
     writes += [Write(out / name, "--out report") for name in REPORT_FILES]
     writes += [Write(out / "cells" / d / f"seed-{s}", "--out cell", "folder") for d, s in plans]
@@ -306,7 +293,7 @@ def evaluate(
                     say(f"{dataset} seed {seed}: done before, reused")
                 else:
                     why = reason(False, force, old, identity, "done before")
-                    started = time.perf_counter()
+                    cell_started = time.perf_counter()
                     summary = run(
                         dataset,
                         data_root,
@@ -317,18 +304,25 @@ def evaluate(
                         cache=cache,
                         device=device,
                         workers=workers,
-                        progress=progress,
+                        progress=f"{label(progress, 'eval')} {dataset} seed {seed}"
+                        if progress
+                        else False,
                         backend=backend,
                         force=force,
                         plan=plan,
                     )
+                    t0 = time.perf_counter()
                     save_safetensors(
                         cell / "baselines.safetensors",
                         _softmax_predictions(
                             Path(summary["cache"]["features"]), Path(summary["cache"]["text"])
                         ),
                     )
-                    seconds = time.perf_counter() - started
+                    cell_stages = dict(summary["stage_seconds"])
+                    cell_stages["baselines"] = time.perf_counter() - t0
+                    for stage, secs in cell_stages.items():
+                        stages[stage] = stages.get(stage, 0.0) + secs
+                    seconds = time.perf_counter() - cell_started
                     write_json(
                         done,
                         {
@@ -339,12 +333,12 @@ def evaluate(
                         },
                     )
                     computed += 1
-                    say(f"{dataset} seed {seed}: {why} in {seconds:.1f} s")
+                    say(f"{dataset} seed {seed}: {why}; {format_times(seconds, cell_stages)}")
                 rows.extend(cell_rows(cell, dataset, seed))
             except (RattaInputError, OSError, RuntimeError, ValueError) as exc:
                 failed(dataset, seed, exc)
         report = {
-            "ratta_version": __version__,
+            **stamp(),
             "backbone": bb_fp,
             "settings": asdict(settings),
             "datasets": list(datasets),
@@ -355,7 +349,7 @@ def evaluate(
             "failures": failures,
             "rows": rows,
         }
-        write_reports(out, report)
+        write_reports(out, report, started, stages)
     return report
 
 
@@ -387,17 +381,21 @@ CSV_FIELDS = (
 )
 
 
-def write_reports(out: Path, report: dict[str, Any]) -> None:
-    """results.json, results.csv (tidy), results.md (paper layout) and plots/."""
-    write_json(out / "results.json", report)
+def write_reports(
+    out: Path, report: dict[str, Any], started: float, stages: dict[str, float]
+) -> None:
+    """results.csv (tidy), results.md (paper layout), plots/, then results.json, which
+    records the times: ``seconds`` since ``started`` (a ``time.perf_counter()``) and
+    ``stage_seconds``, the ``stages`` summed over the cells computed plus ``reports``."""
+    t0 = time.perf_counter()
     buf = io.StringIO()
-    stages = sorted({k for r in report["rows"] for k in r["stage_ms_per_image"]})
+    adapt_stages = sorted({k for r in report["rows"] for k in r["stage_ms_per_image"]})
     writer = csv.writer(buf)
-    writer.writerow([*CSV_FIELDS, *(f"ms_{s}" for s in stages)])
+    writer.writerow([*CSV_FIELDS, *(f"ms_{s}" for s in adapt_stages)])
     for r in report["rows"]:
         writer.writerow(
             [_csv_value(r[f]) for f in CSV_FIELDS]
-            + [_csv_value(r["stage_ms_per_image"].get(s)) for s in stages]
+            + [_csv_value(r["stage_ms_per_image"].get(s)) for s in adapt_stages]
         )
     write_text_atomic(out / "results.csv", buf.getvalue())
     write_text_atomic(out / "results.md", markdown_report(report))
@@ -405,6 +403,10 @@ def write_reports(out: Path, report: dict[str, Any]) -> None:
         from ratta.plots import plot_gain
 
         plot_gain(aggregate(report["rows"]), out / "plots" / "gain_over_cupl.png")
+    stages = {**stages, "reports": time.perf_counter() - t0}
+    report["stage_seconds"] = {k: round(v, 3) for k, v in stages.items()}
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    write_json(out / "results.json", report)
 
 
 def _csv_value(v: Any) -> str:
@@ -434,7 +436,18 @@ def _fmt(stat: tuple[float, float, int] | None) -> str:
     return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
 
 
+# The published figures shown beside ours, and the figure Δ is taken against.
+PUBLISHED_COLUMNS = ("cupl", "ratta")
+DERIVED_MARK = "†"
+
+
 def markdown_report(report: dict[str, Any]) -> str:
+    """results.md: the paper's layout, our methods beside the published figures.
+
+    A published figure stands beside ours only where it covers the same datasets: per
+    dataset, and for an average only over exactly the datasets averaged here
+    (:func:`ratta.published.published_average`); the sources are listed below the tables.
+    """
     agg = aggregate(report["rows"])
     seeds = ", ".join(str(s) for s in report["seeds"])
     fp = report["backbone"]
@@ -443,37 +456,47 @@ def markdown_report(report: dict[str, Any]) -> str:
         "# RA-TTA evaluation",
         "",
         f"Top-1 accuracy (%), mean ± std over seeds {seeds}; backbone `{backbone}`. "
-        "Published: ViT-B/16 figures from the paper and the authors' logs; "
+        "Published: ViT-B/16 figures (sources below), shown only over the same datasets; "
         "Δ = ours − published (RA-TTA).",
         "",
     ]
-    for title, names, avg_key in (
-        ("Transfer datasets", TRANSFER, "transfer_average"),
-        ("ImageNet distribution shifts", SHIFTS, "shifts_average"),
-    ):
+    if (fp.get("model"), fp.get("pretrained")) != ("ViT-B-16", "openai"):
+        lines += [
+            "The published figures are for ViT-B/16 with OpenAI's weights, not this "
+            "backbone: compare them with care.",
+            "",
+        ]
+    shown: list[Figure | None] = []
+    derived = False
+    for title, names in (("Transfer datasets", TRANSFER), ("ImageNet distribution shifts", SHIFTS)):
         present = [d for d in names if d in agg]
         if not present:
             continue
+        pub_names = [f"published {PUBLISHED_NAMES[m]}" for m in PUBLISHED_COLUMNS]
         lines += [
             f"## {title}",
             "",
-            "| dataset | "
-            + " | ".join(METHODS.values())
-            + " | published CuPL | published RA-TTA | Δ |",
-            "|---|" + "---:|" * (len(METHODS) + 3),
+            "| dataset | " + " | ".join([*METHODS.values(), *pub_names]) + " | Δ |",
+            "|---|" + "---:|" * (len(METHODS) + len(PUBLISHED_COLUMNS) + 1),
         ]
         for d in present:
-            lines.append(_row(d, agg[d], PUBLISHED["cupl"].get(d), PUBLISHED["ratta"].get(d)))
+            figures = {m: published(m, d) for m in PUBLISHED_COLUMNS}
+            shown += figures.values()
+            lines.append(_row(d, agg[d], figures))
         means = {m: _average(report["rows"], present, m) for m in METHODS}
-        label = f"Average ({len(present)} of {len(names)})"
-        lines.append(
-            _row(
-                label,
-                means,
-                PUBLISHED["cupl"].get(avg_key),
-                PUBLISHED["ratta"].get(avg_key) if len(present) == len(names) else None,
+        figures = {m: published_average(m, present) for m in PUBLISHED_COLUMNS}
+        shown += figures.values()
+        derived = derived or any(f is not None and f.derived for f in figures.values())
+        lines += [_row(f"Average ({len(present)} of {len(names)})", means, figures), ""]
+    sources = sources_of(shown)
+    if sources:
+        lines += ["Published figures:", ""]
+        lines += [f"- {source.describe()}" for source in sources]
+        if derived:
+            lines.append(
+                f"- {DERIVED_MARK} the mean of the published per-dataset figures of the "
+                "datasets averaged here (no source states this average)"
             )
-        )
         lines.append("")
     if report["failures"]:
         lines += ["## Failed cells", ""]
@@ -497,12 +520,18 @@ def _average(
     return statistics.fmean(averages), std, len(averages)
 
 
-def _row(label: str, stats: dict, pub_cupl: float | None, pub_ratta: float | None) -> str:
+def _published_cell(figure: Figure | None) -> str:
+    if figure is None:
+        return "–"
+    return f"{figure.top1:.2f}" + (DERIVED_MARK if figure.derived else "")
+
+
+def _row(name: str, stats: dict, figures: dict[str, Figure | None]) -> str:
     cells = [_fmt(stats.get(m)) for m in METHODS]
-    ours = stats.get("ratta")
-    delta = f"{ours[0] - pub_ratta:+.2f}" if ours is not None and pub_ratta is not None else "–"
-    pubs = [f"{v:.2f}" if v is not None else "–" for v in (pub_cupl, pub_ratta)]
-    return f"| {label} | " + " | ".join([*cells, *pubs, delta]) + " |"
+    ours, theirs = stats.get("ratta"), figures.get("ratta")
+    delta = f"{ours[0] - theirs.top1:+.2f}" if ours is not None and theirs is not None else "–"
+    pubs = [_published_cell(figures[m]) for m in PUBLISHED_COLUMNS]
+    return f"| {name} | " + " | ".join([*cells, *pubs, delta]) + " |"
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -552,7 +581,7 @@ def sweep(
     cache: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     workers: int = 2,
-    progress: bool = False,
+    progress: Progress = False,
     backend: RayBackend | None = None,
     force: bool = False,
 ) -> list[dict[str, Any]]:
@@ -605,7 +634,7 @@ def sweep(
                 device=device,
                 workers=workers,
                 adapt_views=int(value) if param == "views" else None,
-                progress=progress,
+                progress=f"{label(progress, 'sweep')} {param}={value}" if progress else False,
                 backend=backend,
                 force=force and not results,  # recompute the shared caches once
                 plan=plan,
@@ -626,7 +655,13 @@ def sweep(
         config_used = {k: v for k, v in base.to_dict().items() if k != param}
         write_json(
             out / names[0],
-            {"dataset": dataset, "seed": seed, "fixed": config_used, "results": results},
+            {
+                **stamp(),
+                "dataset": dataset,
+                "seed": seed,
+                "fixed": config_used,
+                "results": results,
+            },
         )
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(results[0]))

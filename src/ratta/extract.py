@@ -27,7 +27,6 @@ from PIL import Image
 from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from ratta import __version__
 from ratta.backbones import Backbone, Preprocessing, embed_dim
@@ -42,6 +41,8 @@ from ratta.files import (
 )
 from ratta.guard import Read, Write, guarded, output_files
 from ratta.identity import files_stamp
+from ratta.progress import Progress, label, progress_bar
+from ratta.provenance import stamp
 from ratta.resources import available_memory, cpu_count, gib, peak_rss_mb
 from ratta.views import crops, normalise
 
@@ -152,7 +153,7 @@ def encode_chunks(
     batch_size: int,
     forward_batch: int,
     workers: int,
-    progress: bool = False,
+    progress: Progress = False,
     context: Any = None,
 ) -> Iterator[tuple[int, EncodedChunk]]:
     """Encode the images of ``chunks`` through one DataLoader; yield each chunk when complete.
@@ -177,9 +178,7 @@ def encode_chunks(
     )
     out_dtype = FEATURE_DTYPES[settings.dtype]
     buffers: dict[int, _ChunkBuffer] = {}
-    with tqdm(
-        total=len(items), desc="extract", unit="img", disable=not progress, dynamic_ncols=True
-    ) as bar:
+    with progress_bar(progress, "extract", total=len(items), unit="img") as bar:
         for batch in loader:
             for item in batch:
                 k = item["chunk"]
@@ -286,7 +285,7 @@ def extract_features(
     workers: int = 2,
     chunk_size: int = 256,
     metadata: dict[str, Any] | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     backend: RayBackend | None = None,
     reads: Sequence[Read] = (),
 ) -> dict[str, Any]:
@@ -386,7 +385,7 @@ def extract_features(
             total=num_chunks,
             sizes=[len(c.paths) for c in todo],
             progress=progress,
-            desc="extract",
+            desc=label(progress, "extract"),
             unit="image",
         )
         report.raise_if_failed(store.folder)
@@ -528,7 +527,7 @@ def _assemble(
     for h in handles:
         h.__exit__(None, None, None)
     return {
-        "ratta_version": __version__,
+        **stamp(),
         "output": str(out),
         "images": total,
         "skipped": len(failures),

@@ -48,6 +48,7 @@ from ratta.files import write_json, write_text_atomic
 from ratta.guard import Read, Write, claim, output_files
 from ratta.identity import changes, database_identity, file_sha256, files_stamp, key_of
 from ratta.presets import DatasetPreset, get_preset
+from ratta.progress import Progress, within
 from ratta.summary import format_results
 from ratta.text import (
     build_text_features,
@@ -294,7 +295,7 @@ def run(
     adapt_batch_size: int = 256,
     dtype: str = "float32",
     adapt_views: int | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     backend: RayBackend | None = None,
     force: bool = False,
     plan: Plan | None = None,
@@ -351,7 +352,7 @@ def run(
                 forward_batch=forward_batch,
                 workers=workers,
                 metadata={"dataset": dataset, "split": split.fingerprint()},
-                progress=progress,
+                progress=within(progress, "extract"),
                 backend=backend,
                 reads=plan.reads,
             )
@@ -367,6 +368,7 @@ def run(
                 allow_missing=allow_missing,
                 metadata={"dataset": dataset},
                 reads=plan.reads,
+                progress=within(progress, "text"),
             )
 
         stages: dict[str, float] = {}
@@ -389,7 +391,7 @@ def run(
             device=device,
             dtype=dtype,
             views=adapt_views,
-            progress=progress,
+            progress=within(progress, "adapt"),
             backend=backend,
         )
         stages["adapt"] = time.perf_counter() - t0

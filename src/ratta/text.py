@@ -13,7 +13,7 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from ratta.backbones import Backbone
 from ratta.errors import RattaInputError
 from ratta.files import TextFeatures, atomic_path, save_text, write_json
 from ratta.guard import Read, Write, guarded, output_files
+from ratta.progress import Progress, progress_bar
+from ratta.provenance import stamp
 
 # The reference repository's published CuPL files: <base>/CuPL_prompts_<stem>.json
 DESCRIPTIONS_URL = "https://raw.githubusercontent.com/kaist-dmlab/RA-TTA/main/descriptions"
@@ -145,11 +147,16 @@ def compose_prompts(
     return TextPrompts(cls_texts, desc_texts)
 
 
-def encode_prompts(prompts: TextPrompts, backbone: Backbone) -> tuple[torch.Tensor, ...]:
-    """(classifier [C, d], desc [M, d], desc_class [M]) from the composed texts."""
+def encode_prompts(
+    prompts: TextPrompts, backbone: Backbone, on_batch: Callable[[int], object] | None = None
+) -> tuple[torch.Tensor, ...]:
+    """(classifier [C, d], desc [M, d], desc_class [M]) from the composed texts.
+
+    ``on_batch(n)``: called after each batch of n texts encoded.
+    """
     flat_cls = [t for texts in prompts.classifier_texts for t in texts]
     flat_desc = [t for texts in prompts.desc_texts for t in texts]
-    emb = backbone.encode_texts(flat_cls)
+    emb = backbone.encode_texts(flat_cls, on_batch=on_batch)
     owner = torch.repeat_interleave(
         torch.arange(len(prompts.classifier_texts)),
         torch.tensor([len(t) for t in prompts.classifier_texts]),
@@ -157,7 +164,7 @@ def encode_prompts(prompts: TextPrompts, backbone: Backbone) -> tuple[torch.Tens
     sums = torch.zeros(len(prompts.classifier_texts), emb.shape[1]).index_add_(0, owner, emb)
     counts = torch.bincount(owner, minlength=len(prompts.classifier_texts)).unsqueeze(1)
     classifier = F.normalize(sums / counts, dim=-1)
-    desc = backbone.encode_texts(flat_desc)
+    desc = backbone.encode_texts(flat_desc, on_batch=on_batch)
     desc_class = torch.repeat_interleave(
         torch.arange(len(prompts.desc_texts)),
         torch.tensor([len(t) for t in prompts.desc_texts]),
@@ -169,16 +176,23 @@ SINGLE_TEMPLATE = "a photo of a {}."
 
 
 def baseline_classifiers(
-    class_names: Sequence[str], templates: Sequence[str], backbone: Backbone
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    backbone: Backbone,
+    on_batch: Callable[[int], object] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Zero-shot CLIP classifiers to compare against: one template, and the hand templates.
 
     ``single_template``: g('a photo of a {name}.'); ``template_ensemble``: the normalised mean
     of the dataset's filled hand templates (CLIP's prompt ensembling). Both [C, d].
     """
-    single = backbone.encode_texts([SINGLE_TEMPLATE.format(n) for n in class_names])
+    single = backbone.encode_texts(
+        [SINGLE_TEMPLATE.format(n) for n in class_names], on_batch=on_batch
+    )
     filled = TextPrompts([[t.format(n) for t in templates] for n in class_names], [])
-    sums = backbone.encode_texts([t for texts in filled.classifier_texts for t in texts])
+    sums = backbone.encode_texts(
+        [t for texts in filled.classifier_texts for t in texts], on_batch=on_batch
+    )
     ensemble = F.normalize(sums.view(len(class_names), len(templates), -1).mean(1), dim=-1)
     return {"single_template": single, "template_ensemble": ensemble}
 
@@ -206,10 +220,12 @@ def build_text_features(
     allow_missing: bool = False,
     metadata: dict[str, Any] | None = None,
     reads: Sequence[Read] = (),
+    progress: Progress = False,
 ) -> dict[str, Any]:
     """Write the text features file ``out`` (and ``out.json``); returns the summary.
 
     ``reads``: further inputs no output may replace (the files the class names came from).
+    ``progress``: a bar over the texts encoded (see :mod:`ratta.progress`).
     """
     out_path = Path(out)
     descriptions = load_descriptions(descriptions_file)
@@ -217,8 +233,11 @@ def build_text_features(
         class_names, descriptions, str(descriptions_file), allow_missing
     )
     prompts = compose_prompts(class_names, per_class, templates, pre)
-    classifier, desc, desc_class = encode_prompts(prompts, backbone)
-    baselines = baseline_classifiers(class_names, templates, backbone)
+    texts = sum(len(t) for t in (*prompts.classifier_texts, *prompts.desc_texts))
+    texts += len(class_names) * (1 + len(templates))  # the baselines
+    with progress_bar(progress, "text", total=texts, unit="text") as bar:
+        classifier, desc, desc_class = encode_prompts(prompts, backbone, bar.update)
+        baselines = baseline_classifiers(class_names, templates, backbone, bar.update)
     desc_hash = hashlib.sha256(Path(descriptions_file).read_bytes()).hexdigest()
     info = {
         "backbone": backbone.fingerprint,
@@ -239,6 +258,7 @@ def build_text_features(
     )
     save_text(out_path, text, {"ratta_text": json.dumps(info)})
     summary = {
+        **stamp(),
         "output": str(out_path),
         "classes": len(class_names),
         "description_rows": int(desc.shape[0]),

@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ratta import __version__
 from ratta.cli import adapt, datasets, db, demo, describe, evaluate, pipeline
 from ratta.errors import RattaInputError
 
@@ -32,11 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ratta", description="RA-TTA: retrieval-augmented test-time adaptation for CLIP."
     )
-    parser.add_argument("--version", action="version", version=f"ratta {__version__}")
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, help="print the version (and git commit) and exit"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:
         group.register(sub)
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``: the commit is read only when asked (``ratta.provenance``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from ratta.provenance import version_line
+
+        print(version_line())
+        parser.exit()
 
 
 def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:

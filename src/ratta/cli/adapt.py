@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ratta.cli.options import backend_args, command, ray_backend
+from ratta.cli.options import backend_args, bars, command, ray_backend
 from ratta.cli.report import format_results, print_shards
 from ratta.config import RATTAConfig
 
@@ -54,7 +54,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         search=args.search,
-        progress=not args.quiet,
+        progress=bars(args, "adapt"),
         backend=ray_backend(args),
     )
     print(format_results(summary))

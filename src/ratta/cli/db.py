@@ -11,6 +11,7 @@ from ratta.cli.options import (
     backbone_args,
     backbone_spec,
     backend_args,
+    bars,
     command,
     command_group,
     decode_workers,
@@ -143,8 +144,10 @@ def format_info(path: str, manifest: Any) -> str:
         format_index(m.index).replace("index: ", "index      ", 1),
     ]
     prov = m.provenance
+    commit = prov.get("ratta_commit")
     lines.append(
-        f"provenance {prov.get('operation', '?')} (ratta {prov.get('ratta_version', '?')})"
+        f"provenance {prov.get('operation', '?')} (ratta {prov.get('ratta_version', '?')}"
+        + (f", git {commit[:7]})" if commit else ")")
     )
     for src in prov.get("sources", []):
         hashed = "hashed" if any(k.endswith("sha256") for k in src) else "not hashed"
@@ -208,7 +211,7 @@ def _run_import(args: argparse.Namespace) -> int:
         backbone=_backbone_label(args),
         index=_index_settings(args),
         queries=_recall_queries(args),
-        progress=not args.quiet,
+        progress=bars(args, "db import"),
     )
     _print_written(manifest, args.out)
     return 0
@@ -235,7 +238,7 @@ def _run_build(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         shard_rows=args.shard_rows,
         index=_index_settings(args),
-        progress=not args.quiet,
+        progress=bars(args, "db build"),
         backend=backend,
     )
     print(
@@ -286,7 +289,7 @@ def _run_select(args: argparse.Namespace) -> int:
             args.out,
             synonyms=synonyms,
             index=index,
-            progress=not args.quiet,
+            progress=bars(args, "db select"),
             backend=backend,
         )
     else:
@@ -314,7 +317,7 @@ def _run_select(args: argparse.Namespace) -> int:
             k=args.k,
             query_kind=args.queries_from,
             index=index,
-            progress=not args.quiet,
+            progress=bars(args, "db select"),
             backend=backend,
         )
     sel = manifest.provenance["selection"]
@@ -338,7 +341,10 @@ def _run_index(args: argparse.Namespace) -> int:
     from ratta.db.index import reindex
 
     section = reindex(
-        args.db, _index_settings(args), queries=_recall_queries(args), progress=not args.quiet
+        args.db,
+        _index_settings(args),
+        queries=_recall_queries(args),
+        progress=bars(args, "db index"),
     )
     for row in section.get("tuning", []):
         print(
@@ -352,19 +358,24 @@ def _run_index(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ audit
 
 
-def format_audit(report: Any) -> str:
+def format_audit(report: Any, every_class: bool = False) -> str:
+    """The audit's counts, then a row per class with findings (``every_class``: all)."""
     lines = [
         f"{report.images:,} test images x {report.rows:,} database rows, cosine >= "
         f"{report.threshold}: {report.flagged_images.size:,} images have near-duplicates, "
         f"{report.flagged_rows.size:,} rows flagged",
-        f"{'class':<32}{'images':>8}{'with dup':>10}{'rows':>8}",
     ]
-    for c in report.per_class:
-        if c["images_with_duplicates"] or len(report.per_class) <= 50:
-            lines.append(
-                f"{c['name'][:31]:<32}{c['test_images']:>8}{c['images_with_duplicates']:>10}"
-                f"{c['flagged_rows']:>8}"
-            )
+    shown = [c for c in report.per_class if every_class or c["images_with_duplicates"]]
+    if shown:
+        lines.append(f"{'class':<32}{'images':>8}{'with dup':>10}{'rows':>8}")
+    for c in shown:
+        lines.append(
+            f"{c['name'][:31]:<32}{c['test_images']:>8}{c['images_with_duplicates']:>10}"
+            f"{c['flagged_rows']:>8}"
+        )
+    hidden = len(report.per_class) - len(shown)
+    if hidden:
+        lines.append(f"{hidden:,} classes without near-duplicates not listed (--all lists them)")
     return "\n".join(lines)
 
 
@@ -379,9 +390,9 @@ def _run_audit(args: argparse.Namespace) -> int:
         report=args.report,
         clean=args.write_clean,
         index=_index_settings(args),
-        progress=not args.quiet,
+        progress=bars(args, "db audit"),
     )
-    print(format_audit(report))
+    print(format_audit(report, args.all))
     if args.report:
         print(f"wrote {args.report}")
     if manifest is not None:
@@ -509,5 +520,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--text", default=None, help="text .safetensors naming the classes")
     c.add_argument("--report", default=None, help="write the report (pairs, per class) as JSON")
     c.add_argument("--write-clean", default=None, help="new database without the flagged rows")
+    c.add_argument(
+        "--all", action="store_true", help="list every class, not only those with findings"
+    )
     _index_args(c, default=None)
     c.add_argument("--quiet", action="store_true")

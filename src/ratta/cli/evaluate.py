@@ -9,6 +9,7 @@ from pathlib import Path
 from ratta.cli.options import (
     backbone_args,
     backbone_spec,
+    bars,
     command,
     dataset_args,
     hyperparameter_args,
@@ -18,6 +19,7 @@ from ratta.cli.options import (
 )
 from ratta.errors import RattaInputError
 from ratta.resources import keep_freed_memory
+from ratta.summary import format_times
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +72,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             views=args.views, descriptions=args.descriptions, **hyperparameters(args)
         ),
         cache=args.cache,
-        progress=not args.quiet,
+        progress=bars(args, "eval"),
         log=None if args.quiet else print,
         force=args.force,
         **pipeline_backend(args),
@@ -81,6 +83,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         f"{len(report['failures'])} failed; wrote {args.out}/results.csv, results.json, "
         "results.md, plots/"
     )
+    print(format_times(report["seconds"], report["stage_seconds"]))
     return 1 if report["failures"] else 0
 
 
@@ -127,7 +130,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         descriptions=args.descriptions,
         config=EvalSettings(**fixed).config(args.dataset),
         cache=args.cache,
-        progress=not args.quiet,
+        progress=bars(args, "sweep"),
         force=args.force,
         **pipeline_backend(args),
     )

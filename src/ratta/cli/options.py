@@ -50,6 +50,12 @@ def workers_arg(
     )
 
 
+def bars(args: argparse.Namespace, command: str) -> bool | str:
+    """The ``progress`` of a command's stages: bars named after ``command`` (``db build``,
+    ``run: text``), or none with ``--quiet``."""
+    return False if args.quiet else command
+
+
 def out_quiet_args(p: argparse.ArgumentParser, out: str, quiet: str | None = None) -> None:
     """``--out`` (required; ``out`` is its help) and ``--quiet``."""
     p.add_argument("--out", required=True, help=out)

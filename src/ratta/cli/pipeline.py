@@ -10,6 +10,7 @@ from ratta.cli.options import (
     backbone_args,
     backbone_spec,
     backend_args,
+    bars,
     command,
     dataset_args,
     decode_workers,
@@ -73,7 +74,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         workers=decode_workers(args, backend),
         chunk_size=args.chunk_size,
         metadata={"dataset": args.dataset, "split": split.fingerprint()},
-        progress=not args.quiet,
+        progress=bars(args, "extract"),
         backend=backend,
         reads=split.reads(),
     )
@@ -111,7 +112,7 @@ def _add_text(sub: argparse._SubParsersAction) -> None:
         help="classes without descriptions use the hand templates",
     )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="text .safetensors (summary at OUT.json)")
+    out_quiet_args(p, "text .safetensors (summary at OUT.json)", "no progress bar")
 
 
 def _run_text(args: argparse.Namespace) -> int:
@@ -135,6 +136,7 @@ def _run_text(args: argparse.Namespace) -> int:
         allow_missing=args.allow_missing,
         metadata={"dataset": args.dataset},
         reads=split.reads(),
+        progress=bars(args, "text"),
     )
     print(
         f"{summary['classes']} classes, {summary['description_rows']} description rows, "
@@ -190,7 +192,7 @@ def _run_run(args: argparse.Namespace) -> int:
         forward_batch=args.forward_batch,
         adapt_batch_size=args.adapt_batch_size,
         dtype=args.dtype,
-        progress=not args.quiet,
+        progress=bars(args, "run"),
         force=args.force,
         **pipeline_backend(args),
     )

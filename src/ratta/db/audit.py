@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 
 from ratta.backbones import cached_file_hash
 from ratta.db.index import IndexSettings
@@ -33,6 +32,7 @@ from ratta.files import (
     write_json,
 )
 from ratta.guard import Read, Write, guarded
+from ratta.progress import Progress, progress_bar, within
 
 # Elements of one [test images, rows] similarity block: cache-sized, as the exact scan.
 _SIM_BLOCK = 1 << 22
@@ -88,7 +88,7 @@ def find_duplicates(
     threshold: float = 0.95,
     *,
     text: str | os.PathLike[str] | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> AuditReport:
     """Pairs (test image, database row) with cosine >= ``threshold``, summarised per class.
 
@@ -124,7 +124,7 @@ def find_duplicates(
     step = max(256, _SIM_BLOCK // image.shape[0])
     pairs: list[tuple[int, int, float]] = []
     start = 0
-    bar = tqdm(total=source.rows, desc="audit", unit="row", disable=not progress)
+    bar = progress_bar(progress, "audit", total=source.rows, unit="row")
     for shard in source.shards():
         for s in range(0, shard.rows, BLOCK_ROWS):
             rows = torch.from_numpy(np.asarray(shard.embeddings[s : s + BLOCK_ROWS], np.float32))
@@ -183,7 +183,7 @@ def write_clean(
     *,
     features: str | os.PathLike[str] | None = None,
     index: IndexSettings | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Manifest:
     """Copy ``db`` without the flagged rows; the manifest records the audit.
 
@@ -232,7 +232,7 @@ def write_clean(
         return writer.commit(
             {"operation": "audit-clean", "sources": [source.provenance()], "audit": audit},
             index,
-            progress=progress,
+            progress=within(progress, "index"),
         )
 
 
@@ -261,7 +261,7 @@ def audit(
     report: str | os.PathLike[str] | None = None,
     clean: str | os.PathLike[str] | None = None,
     index: IndexSettings | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> tuple[AuditReport, Manifest | None]:
     """``ratta db audit``: :func:`find_duplicates`, then the JSON ``report`` and the
     ``clean`` copy if asked; every output is checked before the search starts."""

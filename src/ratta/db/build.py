@@ -38,6 +38,7 @@ from ratta.errors import RattaInputError
 from ratta.extract import ExtractSettings, extract_features
 from ratta.files import write_json
 from ratta.guard import Read, Write, guarded
+from ratta.progress import Progress, within
 
 if TYPE_CHECKING:
     from ratta.distributed import RayBackend
@@ -211,7 +212,7 @@ def build_database(
     chunk_size: int = 4096,
     shard_rows: int = SHARD_ROWS,
     index: IndexSettings | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     backend: RayBackend | None = None,
 ) -> tuple[Manifest, dict[str, Any]]:
     """Encode the center crops of every image of ``sources`` into the database ``out``.
@@ -276,7 +277,7 @@ def _write(
     summary: dict[str, Any],
     sources: Sequence[str | os.PathLike[str]],
     index: IndexSettings | None,
-    progress: bool,
+    progress: Progress,
 ) -> Manifest:
     import pyarrow as pa
 
@@ -313,5 +314,5 @@ def _write(
                     "images",
                 },
                 index,
-                progress=progress,
+                progress=within(progress, "index"),
             )

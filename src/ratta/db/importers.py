@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from ratta.db.index import IndexSettings
 from ratta.db.sources import Source, common_backbone, open_source
@@ -19,6 +20,7 @@ from ratta.db.store import BLOCK_ROWS, Manifest
 from ratta.db.writer import SHARD_ROWS, DatabaseWriter, new_database
 from ratta.errors import RattaInputError
 from ratta.guard import Read, Write, guarded
+from ratta.progress import Progress, progress_bar, within
 
 
 def default_dtype(sources: Sequence[Source]) -> str:
@@ -27,8 +29,9 @@ def default_dtype(sources: Sequence[Source]) -> str:
     return "float16" if dtypes == {np.dtype(np.float16)} else "float32"
 
 
-def stream_into(writer: DatabaseWriter, source: Source) -> None:
-    """Append every row of ``source`` to ``writer``, one block at a time."""
+def stream_into(writer: DatabaseWriter, source: Source, bar: tqdm | None = None) -> None:
+    """Append every row of ``source`` to ``writer``, one block at a time (``bar`` counts
+    the rows)."""
     for shard in source.shards():
         meta = shard.metadata()
         for s in range(0, shard.rows, BLOCK_ROWS):
@@ -39,6 +42,8 @@ def stream_into(writer: DatabaseWriter, source: Source) -> None:
                 source=str(shard.file),
                 rows=s,
             )
+            if bar is not None:
+                bar.update(block.shape[0])
 
 
 def _plan(
@@ -58,7 +63,7 @@ def import_database(
     backbone: dict[str, Any] | None = None,
     index: IndexSettings | None = None,
     queries: np.ndarray | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Manifest:
     """Write the rows of ``sources`` (concatenated in order) as the database ``out``.
 
@@ -79,8 +84,9 @@ def import_database(
         shard_rows=shard_rows,
         backbone=backbone or common_backbone(opened),
     ) as writer:
-        for src in opened:
-            stream_into(writer, src)
+        with progress_bar(progress, "import", total=sum(s.rows for s in opened), unit="row") as bar:
+            for src in opened:
+                stream_into(writer, src, bar)
         return writer.commit(
             {
                 "operation": "import",
@@ -89,5 +95,5 @@ def import_database(
             },
             index,
             queries=queries,
-            progress=progress,
+            progress=within(progress, "index"),
         )

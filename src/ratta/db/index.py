@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ratta.atomic import publish
 from ratta.backbones import sha256_file
@@ -39,6 +38,7 @@ from ratta.db.store import gpu_available as gpu_available
 from ratta.errors import RattaInputError
 from ratta.files import RattaInputWarning, write_json
 from ratta.guard import Read, Write, guarded
+from ratta.progress import Progress, progress_bar
 
 RECALL_K = 20
 
@@ -174,7 +174,7 @@ def build_index(
     settings: IndexSettings,
     *,
     queries: np.ndarray | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> dict[str, Any]:
     """Build, tune and measure ``settings.spec`` over ``db``; write it into the directory.
 
@@ -202,23 +202,27 @@ def build_index(
     index = to_gpu(cpu_index)
     on_gpu = index is not cpu_index
     train_rows = 0
+    # one bar over the rows added; its note says which step runs (training and the recall
+    # searches are single FAISS calls)
+    bar = progress_bar(progress, "index", total=db.count, unit="row")
     if not index.is_trained:
         sample = _train_sample(db, settings.train_rows, settings.seed)
         train_rows = sample.shape[0]
+        bar.set_postfix_str(f"training {settings.spec} on {train_rows:,} rows")
         try:
             index.train(sample)
         except RuntimeError as exc:  # e.g. fewer training rows than IVF lists
+            bar.close()
             raise RattaInputError(
                 f"--index {settings.spec}: training on {train_rows} rows failed "
                 f"({_faiss_reason(exc)})"
             ) from None
         del sample
     t_train = time.perf_counter() - started
-    bar = tqdm(total=db.count, desc="index", unit="row", disable=not progress, leave=False)
+    bar.set_postfix_str("adding rows")
     for _, block in db.blocks(BLOCK_ROWS):
         index.add(np.ascontiguousarray(block, dtype=np.float32))
         bar.update(block.shape[0])
-    bar.close()
     if on_gpu:
         index = faiss.index_gpu_to_cpu(index)
     t_build = time.perf_counter() - started
@@ -233,6 +237,7 @@ def build_index(
             queries = queries[np.sort(rng.choice(queries.shape[0], settings.eval_queries, False))]
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(RECALL_K, db.count)
+    bar.set_postfix_str(f"exact search of {queries.shape[0]:,} recall queries")
     t0 = time.perf_counter()
     _, truth = exact_search(db.blocks(), db.count, queries, k)
     exact_s = time.perf_counter() - t0
@@ -245,6 +250,7 @@ def build_index(
         name, values = tunable
         for value in values:
             candidate = f"{name}={value}"
+            bar.set_postfix_str(f"tuning {candidate}")
             params.set_index_parameters(index, candidate)
             ids, secs = _search(index, queries, k)
             r, top1 = recall(ids, truth)
@@ -266,6 +272,7 @@ def build_index(
     ids, secs = _search(index, queries, k)
     r, top1 = recall(ids, truth)
     final = _row(chosen or "", r, top1, secs, queries.shape[0])
+    bar.close()
 
     # content-addressed name: a new index never overwrites the file the manifest names
     tmp = db.path / f".index-{os.getpid()}.tmp"
@@ -317,7 +324,7 @@ def reindex(
     settings: IndexSettings,
     *,
     queries: np.ndarray | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> dict[str, Any]:
     """Replace the index of an existing database directory (``exact`` removes it).
 

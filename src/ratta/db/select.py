@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from ratta import __version__
 from ratta.db.index import IndexSettings, exact_search
@@ -52,6 +51,7 @@ from ratta.db.writer import DatabaseWriter, new_database
 from ratta.distributed import ShardStore, file_stamp
 from ratta.errors import RattaInputError
 from ratta.guard import Read, Write, guarded
+from ratta.progress import Progress, label, progress_bar, within
 
 if TYPE_CHECKING:
     from ratta.distributed import RayBackend, ShardJob
@@ -211,7 +211,7 @@ def _finish(
     class_names: Sequence[str],
     rule: dict[str, Any],
     index: IndexSettings | None,
-    progress: bool,
+    progress: Progress,
     shards: dict[str, Any] | None = None,
 ) -> Manifest:
     """Commit the selection; ``shards``: the Ray run's shard report, kept in the provenance."""
@@ -235,7 +235,7 @@ def _finish(
     }
     if shards is not None:
         provenance["shards"] = shards
-    return sel.writer.commit(provenance, index, progress=progress)
+    return sel.writer.commit(provenance, index, progress=within(progress, "index"))
 
 
 def _dtype(sources: Sequence[Source]) -> str:
@@ -272,7 +272,7 @@ def select_by_caption(
     synonyms: Sequence[Sequence[str]] | None = None,
     backbone: dict[str, Any] | None = None,
     index: IndexSettings | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     backend: RayBackend | None = None,
 ) -> Manifest:
     """Rows whose caption mentions a class name or synonym (the paper's rule, above).
@@ -291,9 +291,7 @@ def select_by_caption(
         captioned = 0
         shards: dict[str, Any] | None = None
         if backend is None:
-            bar = tqdm(
-                total=sum(s.rows for s in sources), desc="select", unit="row", disable=not progress
-            )
+            bar = progress_bar(progress, "select", total=sum(s.rows for s in sources), unit="row")
             for source in sources:
                 for shard in source.shards():
                     rows, classes, found = _match_shard(shard, matcher)
@@ -369,7 +367,7 @@ def select_by_knn(
     query_kind: str = "classifier",
     backbone: dict[str, Any] | None = None,
     index: IndexSettings | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     backend: RayBackend | None = None,
 ) -> Manifest:
     """The ``k`` rows nearest to each query [Q, d]; a row joins its queries' classes [Q].
@@ -391,7 +389,7 @@ def select_by_knn(
 
     def blocks() -> Iterator[tuple[int, np.ndarray]]:
         start = 0
-        bar = tqdm(total=total, desc="knn", unit="row", disable=not progress)
+        bar = progress_bar(progress, "select", total=total, unit="row")
         for source in sources:
             for shard in source.shards():
                 for s in range(0, shard.rows, BLOCK_ROWS):
@@ -471,7 +469,7 @@ def _select_on_ray(
     store: ShardStore,
     merge: Callable[[SourceShard, dict[str, Tensor], dict[str, Any]], None],
     backend: RayBackend,
-    progress: bool,
+    progress: Progress,
 ) -> dict[str, Any]:
     """Run ``job`` on every corpus shard not finished yet, and ``merge`` every shard's
     result in corpus order, as soon as the ones before it are in; the shard report."""
@@ -501,7 +499,7 @@ def _select_on_ray(
         total=len(places),
         sizes=[places[i][2] for i in todo],
         progress=progress,
-        desc="select",
+        desc=label(progress, "select"),
         unit="row",
     )
     report.raise_if_failed(store.folder)

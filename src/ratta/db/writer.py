@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ratta import __version__
 from ratta.atomic import publish
 from ratta.backbones import sha256_file
 from ratta.db.index import IndexSettings, build_index
@@ -29,6 +28,8 @@ from ratta.db.store import EXACT, MANIFEST, METADATA, SHARD_DIR, Database, Manif
 from ratta.errors import RattaInputError
 from ratta.files import NORM_TOL, readonly_tensor, warn_renormalised, write_json
 from ratta.guard import Read, Write, check_writes
+from ratta.progress import Progress
+from ratta.provenance import stamp
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -230,7 +231,7 @@ class DatabaseWriter:
         index: IndexSettings | None = None,
         *,
         queries: np.ndarray | None = None,
-        progress: bool = False,
+        progress: Progress = False,
     ) -> Manifest:
         """Close the files, build the index (if any), write the manifest, rename into place."""
         if self.count == 0:
@@ -256,7 +257,7 @@ class DatabaseWriter:
                     "renormalised_rows": self.renormalised,
                 },
                 # no timestamp: the same sources and settings give the same bytes
-                provenance={"ratta_version": __version__, **provenance},
+                provenance={**stamp(), **provenance},
                 backbone=self.backbone,
                 metadata={
                     "file": METADATA,

@@ -32,6 +32,7 @@ from ratta.describe.prompts import (
 from ratta.describe.state import PartialFile
 from ratta.errors import RattaInputError
 from ratta.guard import Read, Write, guarded
+from ratta.provenance import stamp
 
 T = TypeVar("T")
 
@@ -360,6 +361,7 @@ def _write_outputs(
     write_json(out, cupl)
     manifest = {
         "produced_by": f"ratta describe {__version__}",
+        **stamp(),
         **manifest,
         "classes": len(cupl),
         "descriptions": sum(len(v) for v in cupl.values()),
