@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -161,3 +162,33 @@ def make_coop(
 def make_coop_dtd(root: Path, per_class: int = 3, seed: int = 0) -> tuple[list[Path], list[int]]:
     """A DTD test split in CoOp's layout with real images; returns paths and labels in order."""
     return make_coop(root, "dtd", DTD_CLASSES, per_class, seed)
+
+
+def reference_pickle(path: Path, array: np.ndarray, protocol: int = 4) -> Path:
+    """The reference code's released format: a dict whose 'embedding' key holds [N, d]."""
+    with open(path, "wb") as fh:
+        pickle.dump({"embedding": array, "note": "LAION2B", "n": len(array)}, fh, protocol)
+    return path
+
+
+def write_clip_corpus(
+    root: Path, shards: list[tuple[np.ndarray, list[str | None], list[str]]]
+) -> Path:
+    """A clip-retrieval output folder: img_emb/img_emb_<i>.npy + metadata/metadata_<i>.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    for i, (emb, captions, urls) in enumerate(shards):
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", emb.astype(np.float16))
+        table = pa.table(
+            {
+                "url": urls,
+                "caption": pa.array(captions, pa.string()),
+                "key": [f"{i:05d}{r:04d}" for r in range(len(urls))],
+                "similarity": np.zeros(len(urls), np.float32),
+            }
+        )
+        pq.write_table(table, root / "metadata" / f"metadata_{i}.parquet")
+    return root

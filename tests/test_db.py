@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import adapt_args, write_images
+from conftest import adapt_args, reference_pickle, write_clip_corpus, write_images
 from PIL import Image
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
@@ -42,13 +42,6 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def reference_pickle(path: Path, array: np.ndarray, protocol: int = 4) -> Path:
-    """The reference code's released format: a dict whose 'embedding' key holds [N, d]."""
-    with open(path, "wb") as fh:
-        pickle.dump({"embedding": array, "note": "LAION2B", "n": len(array)}, fh, protocol)
-    return path
-
-
 class RunsCommand:
     """Pickles to a call of os.system: unpickling it with plain pickle runs the command."""
 
@@ -57,26 +50,6 @@ class RunsCommand:
 
     def __reduce__(self):
         return (os.system, (self.command,))
-
-
-def write_clip_corpus(
-    root: Path, shards: list[tuple[np.ndarray, list[str | None], list[str]]]
-) -> Path:
-    """A clip-retrieval output folder: img_emb/img_emb_<i>.npy + metadata/metadata_<i>.parquet."""
-    (root / "img_emb").mkdir(parents=True)
-    (root / "metadata").mkdir()
-    for i, (emb, captions, urls) in enumerate(shards):
-        np.save(root / "img_emb" / f"img_emb_{i}.npy", emb.astype(np.float16))
-        table = pa.table(
-            {
-                "url": urls,
-                "caption": pa.array(captions, pa.string()),
-                "key": [f"{i:05d}{r:04d}" for r in range(len(urls))],
-                "similarity": np.zeros(len(urls), np.float32),
-            }
-        )
-        pq.write_table(table, root / "metadata" / f"metadata_{i}.parquet")
-    return root
 
 
 def metadata(path: Path) -> pa.Table:

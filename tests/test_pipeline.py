@@ -97,7 +97,7 @@ def test_extract_cli_lists_ten_skipped_images_and_counts_the_rest(
     assert len(json.loads(Path(f"{out}.json").read_text())["skipped_images"]) == 12
 
 
-def test_text_cli_uses_split_class_order(data, tiny_clip, tmp_path) -> None:
+def test_text_cli_uses_split_class_order(data, tiny_clip, tmp_path, capsys) -> None:
     out = tmp_path / "t.safetensors"
     argv = [
         "text",
@@ -112,6 +112,10 @@ def test_text_cli_uses_split_class_order(data, tiny_clip, tmp_path) -> None:
         *backbone_args(tiny_clip),
     ]
     assert main(argv) == 0
+    # one bar over every text encoded: 3 x (2 templates + 2 descriptions) classifier texts,
+    # 3 x 3 description rows, 3 x (1 + 2) baseline texts
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert bar.startswith("text: 100%") and " 30/30 " in bar, bar
     text = load_text(out)
     assert text.class_names == data["names"]
     assert text.desc_class.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]

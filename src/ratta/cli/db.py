@@ -375,7 +375,11 @@ def format_audit(report: Any, every_class: bool = False) -> str:
         )
     hidden = len(report.per_class) - len(shown)
     if hidden:
-        lines.append(f"{hidden:,} classes without near-duplicates not listed (--all lists them)")
+        these = "class" if hidden == 1 else "classes"
+        lines.append(
+            f"{hidden:,} {these} without near-duplicates not listed "
+            f"(--all lists {'it' if hidden == 1 else 'them'})"
+        )
     return "\n".join(lines)
 
 
