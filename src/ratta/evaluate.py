@@ -227,7 +227,6 @@ def evaluate(
     out = Path(out_dir)
     say = log or (lambda _msg: None)
     started = time.perf_counter()
-    stages: dict[str, float] = {"check": 0.0}
     bb_fp = backbone_fingerprint(spec, device)
     failures: list[dict[str, Any]] = []
 
@@ -256,7 +255,7 @@ def evaluate(
                 )
             except RattaInputError as exc:
                 failed(dataset, seed, exc)
-    stages["check"] = time.perf_counter() - started
+    stages = {"check": time.perf_counter() - started}
     writes = [Write(out, "--out", "folder")]
     writes += [Write(out / name, "--out report") for name in REPORT_FILES]
     writes += [Write(out / "cells" / d / f"seed-{s}", "--out cell", "folder") for d, s in plans]
