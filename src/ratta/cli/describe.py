@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ratta.cli.options import command
-from ratta.describe.client import DEFAULT_LLM_URL, KEY_ENV
-from ratta.describe.prompts import GENERIC_TEMPLATES, KINDS
+from ratta.describe.prompts import DEFAULT_LLM_URL, GENERIC_TEMPLATES, KEY_ENV, KINDS
 from ratta.errors import RattaInputError
 from ratta.guard import Read
 

@@ -27,10 +27,9 @@ from urllib.parse import urlsplit
 
 import httpx2
 
+from ratta.describe.prompts import DEFAULT_LLM_URL as DEFAULT_LLM_URL
+from ratta.describe.prompts import KEY_ENV
 from ratta.errors import RattaInputError
-
-DEFAULT_LLM_URL = "https://api.openai.com/v1"
-KEY_ENV = ("RATTA_LLM_API_KEY", "OPENAI_API_KEY")
 
 # Servers sending a longer Retry-After have usually run out of quota for the day.
 MAX_RETRY_AFTER_S = 300.0

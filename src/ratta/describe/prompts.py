@@ -96,3 +96,8 @@ def check_template(template: str, what: str) -> None:
         filled = ""
     if "\0" not in filled:
         raise RattaInputError(f"{what} {template!r} must contain '{{}}' for the class name")
+
+
+# The endpoint asked by default, and where its key is read from (first set wins).
+DEFAULT_LLM_URL = "https://api.openai.com/v1"
+KEY_ENV = ("RATTA_LLM_API_KEY", "OPENAI_API_KEY")
