@@ -21,9 +21,36 @@ from torch import Tensor
 from ratta.config import RATTAConfig
 from ratta.sinkhorn import sinkhorn_knopp
 
-# Size (elements) of the [b, V+1, M] similarity block scored at once: small enough to stay
-# in cache between the GEMM and the reductions (measured fastest at ~8 MB on a 2-core CPU).
+# Size (elements) of the [b, V+1, M] similarity block scored at once on a CPU: small enough
+# to stay in cache between the GEMM and the reductions (measured fastest at ~8 MB on 2 cores).
 _SCORE_BLOCK = 1 << 21
+# On a GPU, blocks of ~256 MB (float32): dozens of images per block even for ImageNet-sized
+# description sets (M = 50k at V = 100: 13 images), each block a few large kernels.
+_DEVICE_SCORE_BLOCK = 1 << 26
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """How the engine cuts a batch's work on a kind of device; it never changes a result.
+
+    Attributes:
+        score_elements: size of a [b, V+1, M] similarity block of the description scoring.
+        prune: compute description quantiles only where they can reach the top K_D (exact,
+            see :func:`top_description_scores`), at the price of a host synchronisation per
+            block to gather them: right for CPUs. Without, every quantile is computed and
+            scoring never waits for the device: right for GPUs.
+        ot_sync_every: Sinkhorn iterations between the host's looks at convergence.
+    """
+
+    score_elements: int = _SCORE_BLOCK
+    prune: bool = True
+    ot_sync_every: int = 10
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> Blocking:
+        if device.type == "cuda":
+            return cls(score_elements=_DEVICE_SCORE_BLOCK, prune=False, ot_sync_every=20)
+        return cls()
 
 
 class Retriever(Protocol):
@@ -122,27 +149,30 @@ def _similarities(x: Tensor, desc: Tensor) -> Tensor:
     return (x.reshape(b * n, d) @ desc.T).view(b, n, desc.shape[0])
 
 
-def _chunks(x: Tensor, m: int) -> range:
-    return range(0, x.shape[0], max(1, _SCORE_BLOCK // max(1, m * x.shape[1])))
+def _chunks(x: Tensor, m: int, elements: int = _SCORE_BLOCK) -> range:
+    return range(0, x.shape[0], max(1, elements // max(1, m * x.shape[1])))
 
 
-def description_scores(x: Tensor, desc: Tensor, q: float) -> Tensor:
+def description_scores(x: Tensor, desc: Tensor, q: float, block: int = _SCORE_BLOCK) -> Tensor:
     r"""score_m = quantile_q({<x_i, T_m> : i = 0..V}) for every image and description [B, M].
 
     Args:
         x: [B, V+1, d] test embeddings (x_0 first).
         desc: [M, d] description embeddings T.
+        block: elements of a [b, V+1, M] similarity block (speed only).
     """
     m = desc.shape[0]
     out = torch.empty(x.shape[0], m, dtype=x.dtype, device=x.device)
-    step = _chunks(x, m).step
-    for start in _chunks(x, m):
-        sims = _similarities(x[start : start + step], desc)
-        out[start : start + step] = quantile_last(sims.transpose(1, 2), q)
+    chunks = _chunks(x, m, block)
+    for start in chunks:
+        sims = _similarities(x[start : start + chunks.step], desc)
+        out[start : start + chunks.step] = quantile_last(sims.transpose(1, 2), q)
     return out
 
 
-def top_description_scores(x: Tensor, desc: Tensor, q: float, k: int) -> Tensor:
+def top_description_scores(
+    x: Tensor, desc: Tensor, q: float, k: int, blocking: Blocking | None = None
+) -> Tensor:
     r"""The scores of :func:`description_scores` wherever they can reach the top k, else -inf.
 
     Exact pruning: the q-quantile of a description is at most its maximum over the V+1
@@ -150,13 +180,18 @@ def top_description_scores(x: Tensor, desc: Tensor, q: float, k: int) -> Tensor:
     largest ub_m give tau, a lower bound of the true k-th largest score; a description with
     ub_m < tau scores strictly below every top-k score, so only descriptions with
     ub_m >= tau need their quantile. The top k (ties included) are those of the full scores.
+    With ``blocking.prune`` off, every score is computed (:func:`description_scores`).
     """
+    blocking = blocking or Blocking.for_device(x.device)
+    if not blocking.prune:
+        return description_scores(x, desc, q, blocking.score_elements)
     bsz = x.shape[0]
     m = desc.shape[0]
     out = torch.full((bsz, m), float("-inf"), dtype=x.dtype, device=x.device)
-    step = _chunks(x, m).step
+    chunks = _chunks(x, m, blocking.score_elements)
+    step = chunks.step
     probe = min(m, 2 * k)
-    for start in _chunks(x, m):
+    for start in chunks:
         sims = _similarities(x[start : start + step], desc)  # [b, V+1, M]
         b, n, _ = sims.shape
         upper = sims.amax(1)
@@ -172,13 +207,29 @@ def top_k_stable(scores: Tensor, k: int) -> Tensor:
     """Indices [B, k] of the k largest scores per row, ties broken by the lower index.
 
     The result is in ascending index order (only set membership matters downstream).
+    Exactly k entries of each row are taken, so their positions are scattered into place
+    without asking the device how many there are.
     """
     kth = scores.topk(k, dim=1).values[:, -1:]
     above = scores > kth
     tied = scores == kth
     room = k - above.sum(1, keepdim=True)
     take = above | (tied & (tied.cumsum(1) <= room))
-    return take.nonzero()[:, 1].view(scores.shape[0], k)
+    return _compact(take, k)
+
+
+def _compact(mask: Tensor, width: int) -> Tensor:
+    """Column ids of the True entries of each row of ``mask`` [B, n], in ascending order, in
+    a [B, width] tensor padded with -1 (every row holds at most ``width`` True entries).
+
+    A scatter to precomputed positions: no host synchronisation, unlike ``nonzero``; the
+    False entries all land in one extra column, which is dropped.
+    """
+    bsz, n = mask.shape
+    pos = torch.where(mask, mask.cumsum(1) - 1, width)
+    cols = torch.arange(n, device=mask.device).expand(bsz, n)
+    out = torch.full((bsz, width + 1), -1, dtype=torch.int64, device=mask.device)
+    return out.scatter_(1, pos, cols)[:, :width]
 
 
 def select_candidates(
@@ -196,9 +247,7 @@ def select_candidates(
     # exist: a huge K_D must not allocate slots no class can fill
     slots = max(1, min(k // min_desc, num_classes))
     slot_of = survive.cumsum(1) - 1  # position of each surviving class within its row
-    rows, cls = survive.nonzero(as_tuple=True)
-    classes = torch.full((bsz, slots), -1, dtype=torch.int64, device=scores.device)
-    classes[rows, slot_of[rows, cls]] = cls
+    classes = _compact(survive, slots)
     top_slot = torch.where(survive.gather(1, top_cls), slot_of.gather(1, top_cls), -1)
     return Candidates(classes=classes, valid=classes >= 0, top_ids=top_ids, top_slot=top_slot)
 
@@ -208,15 +257,18 @@ def prototypes(desc: Tensor, cand: Candidates) -> tuple[Tensor, Tensor]:
 
     t_c is the normalised mean of the selected rows of class c; t* of all surviving selected
     rows. Empty slots (and images without survivors) hold zero vectors.
+
+    The rows are added in top-description order, one step per description: the same sums,
+    bit for bit, on every run and device kind, where an ``index_add_`` would add them in
+    the order of a GPU's atomics.
     """
     bsz, slots = cand.classes.shape
-    d = desc.shape[1]
-    sums = torch.zeros(bsz * slots, d, dtype=desc.dtype, device=desc.device)
-    keep = cand.top_slot >= 0
-    rows = torch.arange(bsz, device=desc.device).unsqueeze(1).expand_as(cand.top_slot)
-    flat = (rows * slots + cand.top_slot)[keep]
-    sums.index_add_(0, flat, desc[cand.top_ids[keep]])
-    sums = sums.view(bsz, slots, d)
+    rows = desc[cand.top_ids]  # [B, K, d]
+    slot_ids = torch.arange(slots, device=desc.device)
+    sums = torch.zeros(bsz, slots, desc.shape[1], dtype=desc.dtype, device=desc.device)
+    for j in range(rows.shape[1]):
+        hit = (cand.top_slot[:, j, None] == slot_ids).unsqueeze(2)  # [B, S, 1]
+        sums += torch.where(hit, rows[:, j, None], 0.0)
     return F.normalize(sums, dim=-1), F.normalize(sums.sum(1), dim=-1)
 
 
@@ -228,6 +280,9 @@ def set_distances(
     retrieved: Tensor,
     scale: float,
     config: RATTAConfig,
+    *,
+    sets: Tensor | None = None,
+    sync_every: int = 10,
 ) -> Tensor:
     r"""OT distance d_c between the test embeddings and each retrieved set [Q].
 
@@ -238,15 +293,25 @@ def set_distances(
     Args:
         x: [B, V+1, d]; global_proto: [B, d]; set_protos: [B, S, d]; valid: [B, S];
         retrieved: [Q, K, d] for the Q valid slots in row-major (image, slot) order.
+        sets: the flat (image * S + slot) indices of the valid slots, if already known.
+        sync_every: Sinkhorn iterations between the host's looks at convergence.
     """
-    owner = valid.nonzero(as_tuple=True)[0]
-    x_t = torch.bmm(x, set_protos.transpose(1, 2)).transpose(1, 2)[valid]  # [Q, V+1]
+    if sets is None:
+        sets = valid.flatten().nonzero().squeeze(1)
+    owner = sets // valid.shape[1]
+    x_t = torch.bmm(x, set_protos.transpose(1, 2)).transpose(1, 2).flatten(0, 1)[sets]  # [Q, V+1]
     src = torch.softmax(scale * torch.bmm(x, global_proto.unsqueeze(2)).squeeze(2), dim=1)
-    r_t = torch.bmm(retrieved, set_protos[valid].unsqueeze(2)).squeeze(2)  # [Q, K]
+    r_t = torch.bmm(retrieved, set_protos.flatten(0, 1)[sets].unsqueeze(2)).squeeze(2)  # [Q, K]
     tgt = torch.softmax(scale * r_t, dim=1)
     cost = (x_t.unsqueeze(2) - r_t.unsqueeze(1)).abs()
     plan, _ = sinkhorn_knopp(
-        src[owner], tgt, cost, config.ot_reg, config.ot_max_iter, config.ot_stop_thr
+        src[owner],
+        tgt,
+        cost,
+        config.ot_reg,
+        config.ot_max_iter,
+        config.ot_stop_thr,
+        sync_every=sync_every,
     )
     return (plan * cost).sum((1, 2))
 
@@ -265,13 +330,19 @@ def ensemble(
     H_ret = -sum p_ret log(p_ret + eps); lam = e^{1/(1+H0)} / (e^{1/(1+H0)} + e^{1/(1+H_ret)});
     p = lam p0 + (1 - lam) p_ret. Images without survivors get p_ret = p0 and lam = 1.
 
+    Args:
+        distances: [B, S] d_c of each slot, NaN where the slot is empty.
+
     Returns: relevance [B, S], p_ret [B, C], H_ret [B], lam [B], p [B, C].
     """
-    logits = torch.full(cand.classes.shape, float("-inf"), dtype=p0.dtype, device=p0.device)
-    logits[cand.valid] = scale / (1.0 + distances)
+    bsz, num_classes = p0.shape
+    logits = torch.where(cand.valid, scale / (1.0 + distances), float("-inf"))
     adapted = cand.valid.any(1)
     rel = torch.softmax(logits, dim=1).nan_to_num(0.0)
-    p_ret = torch.zeros_like(p0).scatter_add_(1, cand.classes.clamp(min=0), rel)
+    # the classes of a row are distinct: a plain scatter (no atomic sums); empty slots,
+    # with relevance 0, all go to an extra column that is dropped
+    cols = torch.where(cand.valid, cand.classes, num_classes)
+    p_ret = p0.new_zeros(bsz, num_classes + 1).scatter_(1, cols, rel)[:, :num_classes]
     h_ret = -(p_ret * torch.log(p_ret + eps)).sum(1)
     w0 = torch.exp(1.0 / (1.0 + h0))
     wr = torch.exp(1.0 / (1.0 + h_ret))
@@ -291,6 +362,7 @@ def ratta_batch(
     retriever: Retriever,
     config: RATTAConfig,
     timer: Timer = _no_timer,
+    blocking: Blocking | None = None,
 ) -> BatchResult:
     """RA-TTA for a batch of test images (method.md steps 1-9).
 
@@ -302,35 +374,50 @@ def ratta_batch(
         retriever: L2 nearest-neighbour search over the database; all set prototypes of
             the batch go to it in one ``search`` call.
         timer: optional ``timer(stage)`` context manager to measure the stages.
+        blocking: how to cut the work (default: :meth:`Blocking.for_device` of ``x``).
+
+    On a GPU the host waits for the device once to learn the number Q of candidate sets
+    (the size of the search), and a few times in optimal transport (``ot_sync_every``).
     """
+    blocking = blocking or Blocking.for_device(x.device)
     num_classes = classifier.shape[0]
     with timer("zero_shot"):
         p0, h0 = zero_shot(x[:, 0], classifier, scale)
     with timer("scoring"):
-        scores = top_description_scores(x, desc, config.quantile, min(config.k_d, desc.shape[0]))
+        k = min(config.k_d, desc.shape[0])
+        scores = top_description_scores(x, desc, config.quantile, k, blocking)
     with timer("candidates"):
         cand = select_candidates(scores, desc_class, num_classes, config.k_d, config.min_desc)
         set_protos, global_proto = prototypes(desc, cand)
-    distances = torch.empty(0, dtype=x.dtype, device=x.device)
-    if bool(cand.valid.any()):
+        sets = cand.valid.flatten().nonzero().squeeze(1)
+    distances = torch.full((cand.valid.numel(),), float("nan"), dtype=x.dtype, device=x.device)
+    if sets.numel():
         with timer("search"):
-            ids = retriever.search(set_protos[cand.valid], config.k_s)
+            ids = retriever.search(set_protos.flatten(0, 1)[sets], config.k_s)
             retrieved = retriever.gather(ids, like=x)
         with timer("ot"):
-            distances = set_distances(
-                x, global_proto, set_protos, cand.valid, retrieved, scale, config
+            found = set_distances(
+                x,
+                global_proto,
+                set_protos,
+                cand.valid,
+                retrieved,
+                scale,
+                config,
+                sets=sets,
+                sync_every=blocking.ot_sync_every,
             )
+            distances.index_copy_(0, sets, found)
+    distances = distances.view(cand.valid.shape)
     with timer("ensemble"):
         rel, p_ret, h_ret, lam, final = ensemble(p0, h0, cand, distances, scale, config.entropy_eps)
-    dist_full = torch.full(cand.classes.shape, float("nan"), dtype=x.dtype, device=x.device)
-    dist_full[cand.valid] = distances
     return BatchResult(
         zero_shot=p0,
         retrieval=p_ret,
         final=final,
         candidates=cand.classes,
         relevance=rel,
-        ot_distance=dist_full,
+        ot_distance=distances,
         lam=lam,
         entropy_zero_shot=h0,
         entropy_retrieval=h_ret,

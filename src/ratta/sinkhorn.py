@@ -13,6 +13,8 @@ def sinkhorn_knopp(
     reg: float,
     max_iter: int = 100,
     stop_thr: float = 1e-2,
+    *,
+    sync_every: int = 10,
 ) -> tuple[Tensor, Tensor]:
     r"""Solve P entropic OT problems at once, exactly as ``ot.sinkhorn`` does one by one.
 
@@ -27,13 +29,17 @@ def sinkhorn_knopp(
     index is a multiple of 10 the marginal error ``||(diag(u) K diag(v))^T 1 - b||_2`` is
     computed and the problem stops once it is below ``stop_thr``; a problem whose update hits
     a zero in K^T u or a non-finite scaling keeps its previous (u, v) and stops. Every problem
-    stops on its own schedule; converged problems leave the working set.
+    stops on its own schedule: a stopped problem's (u, v) are frozen on the device, and every
+    ``sync_every`` iterations the host looks at which problems still run, drops the others
+    from the working set and ends the loop when none is left (one host synchronisation per
+    look, at most ``max_iter / sync_every``).
 
     Args:
         a: [P, n] source histograms (positive, summing to 1).
         b: [P, m] target histograms.
         cost: [P, n, m] ground costs.
         reg: entropic regularisation.
+        sync_every: iterations between the host's looks (speed only, never the result).
 
     Returns:
         plan [P, n, m] and the number of iterations run per problem [P] (int64).
@@ -46,30 +52,35 @@ def sinkhorn_knopp(
     iters = torch.full((num,), max_iter, dtype=torch.int64, device=cost.device)
 
     idx = torch.arange(num, device=cost.device)
-    k_w, kp_w, b_w, u_w, v_w = kernel, kernel_p, b, u.clone(), v.clone()
+    k_w, kp_w, b_w, u_w, v_w, it_w = kernel, kernel_p, b, u.clone(), v.clone(), iters.clone()
+    running = torch.ones(num, dtype=torch.bool, device=cost.device)
     for it in range(max_iter):
-        if idx.numel() == 0:
-            break
         ktu = torch.bmm(u_w.unsqueeze(1), k_w).squeeze(1)
         v_new = b_w / ktu
         u_new = 1.0 / torch.bmm(kp_w, v_new.unsqueeze(2)).squeeze(2)
         bad = (ktu == 0).any(1) | ~torch.isfinite(u_new).all(1) | ~torch.isfinite(v_new).all(1)
-        u_w = torch.where(bad.unsqueeze(1), u_w, u_new)
-        v_w = torch.where(bad.unsqueeze(1), v_w, v_new)
-        done = bad
+        step = (running & ~bad).unsqueeze(1)
+        u_w = torch.where(step, u_new, u_w)
+        v_w = torch.where(step, v_new, v_w)
+        stop = bad
         if it % 10 == 0:
             marginal = v_w * torch.bmm(u_w.unsqueeze(1), k_w).squeeze(1)
             err = torch.linalg.vector_norm(marginal - b_w, dim=1)
-            done = done | (err < stop_thr)
-        if bool(done.any()):
-            finished = idx[done]
-            u[finished] = u_w[done]
-            v[finished] = v_w[done]
-            iters[finished] = it + 1
-            keep = ~done
-            idx, k_w, kp_w, b_w = idx[keep], k_w[keep], kp_w[keep], b_w[keep]
-            u_w, v_w = u_w[keep], v_w[keep]
-    u[idx] = u_w
-    v[idx] = v_w
+            stop = stop | (err < stop_thr)
+        it_w = torch.where(running & stop, it + 1, it_w)
+        running = running & ~stop
+        if it % sync_every == 0 and it + 1 < max_iter:
+            keep = running.nonzero().squeeze(1)
+            if keep.numel() < running.numel():
+                u.index_copy_(0, idx, u_w)
+                v.index_copy_(0, idx, v_w)
+                iters.index_copy_(0, idx, it_w)
+                idx, k_w, kp_w, b_w = idx[keep], k_w[keep], kp_w[keep], b_w[keep]
+                u_w, v_w, it_w, running = u_w[keep], v_w[keep], it_w[keep], running[keep]
+            if idx.numel() == 0:
+                break
+    u.index_copy_(0, idx, u_w)
+    v.index_copy_(0, idx, v_w)
+    iters.index_copy_(0, idx, it_w)
     plan = u.unsqueeze(2) * kernel * v.unsqueeze(1)
     return plan, iters
