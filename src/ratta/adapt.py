@@ -13,7 +13,6 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,16 @@ from torch import Tensor
 
 from ratta import __version__
 from ratta.config import RATTAConfig
-from ratta.db import inspect_database, load_for_search
+from ratta.db import inspect_database
+from ratta.db.search import DatabaseCache, SearchDatabase, check_search, open_search
+from ratta.devices import (
+    StageTimer,
+    compute_info,
+    numerics,
+    read_ahead,
+    resolve_device,
+    upload,
+)
 from ratta.distributed import ShardStore, file_stamp
 from ratta.engine import BatchResult, ratta_batch
 from ratta.errors import RattaInputError
@@ -39,13 +47,12 @@ from ratta.metrics import topk_accuracy
 from ratta.progress import Progress, label, progress_bar
 from ratta.provenance import stamp
 from ratta.resources import available_memory, gib, peak_rss_mb
-from ratta.retrieval import ExactRetriever, FaissRetriever
+from ratta.retrieval import ExactRetriever
 
 if TYPE_CHECKING:
     from ratta.distributed import RayBackend
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-SEARCHES = ("exact", "faiss", "index")
 OUTPUT_KEYS = (
     "zero_shot",
     "retrieval",
@@ -57,42 +64,6 @@ OUTPUT_KEYS = (
     "entropy_zero_shot",
     "entropy_retrieval",
 )
-
-
-class StageTimer:
-    """Accumulates wall time per stage; synchronises CUDA so GPU work is attributed right."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.seconds[stage] += time.perf_counter() - start
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RattaInputError(
-            f"--device: unknown device '{name}' (use cpu, cuda or cuda:N)"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RattaInputError(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise RattaInputError(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 @dataclass
@@ -111,7 +82,7 @@ class _Inputs:
 class _Search:
     """What the engine needs on the device, in the working dtype."""
 
-    retriever: ExactRetriever | FaissRetriever
+    database: SearchDatabase
     classifier: Tensor
     desc: Tensor
     desc_class: Tensor
@@ -149,19 +120,21 @@ def _open_inputs(
     return _Inputs(features, text, db, txt, reader, views)
 
 
-def _load_search(inp: _Inputs, dev: torch.device, work: torch.dtype, search: str) -> _Search:
-    """The database (validated, in the working dtype) and the text tensors, on ``dev``."""
-    database, sq_norms, index = load_for_search(
-        inp.db, dtype=work, device=dev, with_index=search == "index"
-    )
-    if search == "exact":
-        retriever: ExactRetriever | FaissRetriever = ExactRetriever(database, sq_norms)
-    elif search == "faiss":
-        retriever = FaissRetriever.flat(database)
+def _load_search(
+    inp: _Inputs,
+    dev: torch.device,
+    work: torch.dtype,
+    search: str,
+    placement: str = "auto",
+    databases: DatabaseCache | None = None,
+) -> _Search:
+    """The database (validated, placed for ``search``) and the text tensors, on ``dev``."""
+    if databases is not None:
+        database = databases.open(inp.db, search, dev, work, placement)
     else:
-        retriever = FaissRetriever(index, database)
+        database = open_search(inp.db, search, dev, work, placement)
     return _Search(
-        retriever,
+        database,
         inp.txt.classifier.to(device=dev, dtype=work),
         inp.txt.desc.to(device=dev, dtype=work),
         inp.txt.desc_class.to(dev),
@@ -184,8 +157,9 @@ class AdaptInputs:
     """[M] int64, the class owning each description row."""
     scale: float
     """The logit scale s."""
-    retriever: ExactRetriever | FaissRetriever
-    """Exact L2 search over the database rows (``retriever.embeddings`` [N_db, d])."""
+    retriever: ExactRetriever
+    """Exact L2 search over the database rows (``retriever.embeddings`` [N_db, d]; on a GPU
+    in their stored dtype, widened block by block as they are scanned)."""
     labels: Tensor | None
     """[N] int64 test labels, if the features file has them."""
     class_names: list[str]
@@ -211,7 +185,7 @@ def load_inputs(
         raise RattaInputError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     dev = resolve_device(device)
     inp = _open_inputs(features, text, db, "exact", views)
-    loaded = _load_search(inp, dev, DTYPES[dtype], "exact")
+    loaded = _load_search(inp, dev, DTYPES[dtype], "exact", placement="device")
     x = inp.reader.batch(0, inp.reader.num_images, views).to(device=dev, dtype=DTYPES[dtype])
     inp.reader.warn_renormalised()
     labels = inp.reader.labels
@@ -222,7 +196,7 @@ def load_inputs(
         loaded.desc,
         loaded.desc_class,
         loaded.logit_scale,
-        loaded.retriever,
+        loaded.database.retriever,
         labels,
         inp.txt.class_names,
     )
@@ -233,13 +207,14 @@ def check_batch_memory(
 ) -> None:
     """Refuse a batch whose test embeddings cannot fit in the available memory.
 
-    A batch holds its [b, V+1, d] embeddings as read (up to float32) and in the working
-    dtype; the engine's own blocks are bounded separately.
+    A batch holds its [b, V+1, d] embeddings as read (up to float32; with the batches read
+    ahead, three of them) and in the working dtype; the engine's own blocks are bounded
+    separately.
     """
     available = available_memory()
     b = min(batch_size, reader.num_images)
     crops = 1 + (reader.num_views if views is None else views)
-    need = b * crops * reader.dim * (4 + torch.empty(0, dtype=work).element_size())
+    need = b * crops * reader.dim * (3 * 4 + torch.empty(0, dtype=work).element_size())
     if available is not None and need > available:
         raise RattaInputError(
             f"--batch-size {batch_size}: {b} test images x {crops} embeddings x {reader.dim} "
@@ -248,21 +223,36 @@ def check_batch_memory(
         )
 
 
-def _adapt_range(
-    inp: _Inputs,
-    s: _Search,
-    span: tuple[int, int],
-    config: RATTAConfig,
-    work: torch.dtype,
-    timer: StageTimer,
+def _read(inp: _Inputs, span: tuple[int, int], dev: torch.device) -> Tensor:
+    """Test embeddings of ``span`` in host memory (pinned when bound for a GPU)."""
+    return inp.reader.batch(*span, inp.views, pin_memory=dev.type == "cuda")
+
+
+def _adapt_batch(
+    host_x: Tensor, s: _Search, config: RATTAConfig, work: torch.dtype, timer: StageTimer
 ) -> dict[str, Tensor]:
-    """RA-TTA outputs (CPU) of test images ``span`` = (start, stop): one batch, either backend."""
+    """RA-TTA outputs of one batch of test embeddings, in host memory: either backend.
+
+    The embeddings go to the device in their stored dtype (float16: half the bytes) and
+    are widened there; the outputs come back in one device-to-host copy.
+    """
+    dev = s.classifier.device
     with timer("read"):
-        x = inp.reader.batch(*span, inp.views).to(device=s.classifier.device, dtype=work)
+        x = upload(host_x, dev).to(work)
     result: BatchResult = ratta_batch(
-        x, s.classifier, s.desc, s.desc_class, s.logit_scale, s.retriever, config, timer
+        x, s.classifier, s.desc, s.desc_class, s.logit_scale, s.database.retriever, config, timer
     )
-    return {key: getattr(result, key).cpu() for key in OUTPUT_KEYS}
+    tensors = {key: getattr(result, key) for key in OUTPUT_KEYS}
+    if dev.type != "cuda":
+        return tensors
+    # class ids (< 2^24) are exact in the working float dtype: one buffer, one copy
+    flat = torch.cat([t.reshape(-1).to(work) for t in tensors.values()]).cpu()
+    out = {}
+    for (key, t), part in zip(
+        tensors.items(), flat.split([t.numel() for t in tensors.values()]), strict=True
+    ):
+        out[key] = part.view(t.shape).to(t.dtype)
+    return out
 
 
 class RangeAdapter:
@@ -279,22 +269,29 @@ class RangeAdapter:
         dtype: str,
         search: str,
         views: int | None,
+        tf32: bool = False,
+        profile: bool = False,
+        db_placement: str = "auto",
     ) -> None:
         self.paths = (str(features), str(text), str(db))
         self.config, self.dtype, self.search, self.views = config, dtype, search, views
+        self.tf32, self.profile, self.placement = tf32, profile, db_placement
 
     def setup(self, device: str) -> None:
         self.dev = resolve_device(device)
-        self.timer = StageTimer(self.dev)
+        self.timer = StageTimer(self.dev, self.profile)
         with self.timer("load"):
             self.inputs = _open_inputs(*self.paths, self.search, self.views)
-            self.loaded = _load_search(self.inputs, self.dev, DTYPES[self.dtype], self.search)
+            self.loaded = _load_search(
+                self.inputs, self.dev, DTYPES[self.dtype], self.search, self.placement
+            )
 
     def __call__(self, span: tuple[int, int]) -> dict[str, Any]:
         before = dict(self.inputs.reader.renormalised)
-        with torch.inference_mode():
-            outputs = _adapt_range(
-                self.inputs, self.loaded, span, self.config, DTYPES[self.dtype], self.timer
+        with numerics(self.tf32), torch.inference_mode():
+            host_x = _read(self.inputs, span, self.dev)
+            outputs = _adapt_batch(
+                host_x, self.loaded, self.config, DTYPES[self.dtype], self.timer
             )
         renormalised = {k: v - before[k] for k, v in self.inputs.reader.renormalised.items()}
         timings = dict(self.timer.seconds)
@@ -328,12 +325,23 @@ def adapt(
     views: int | None = None,
     progress: Progress = False,
     backend: RayBackend | None = None,
+    tf32: bool = False,
+    profile: bool = False,
+    db_placement: str = "auto",
+    databases: DatabaseCache | None = None,
 ) -> dict[str, Any]:
     """Run RA-TTA over a features file and write ``out`` (safetensors) and ``out.json``.
 
     Every input is validated before work starts (values of the features file batch by batch);
     on any error nothing is written. ``views`` uses only the first V' stored views (for
     sweeps over V). Returns the JSON summary.
+
+    On CUDA: float32 products in full precision unless ``tf32``
+    (:func:`ratta.devices.numerics`); ``profile`` makes stage times exact by waiting for the
+    device at every stage boundary; ``db_placement`` (``auto``, ``device``, ``streamed``)
+    says where the rows of an exact search live (:mod:`ratta.db.search`); ``databases``
+    keeps the last opened database for the next call (``ratta eval``, ``ratta sweep``).
+    The next batch of test embeddings is read while the current one is adapted.
 
     With ``backend=RayBackend(...)`` the batches (ranges of ``batch_size`` test images, the
     local batches) are adapted by Ray workers, each loading the text and the database once
@@ -345,16 +353,15 @@ def adapt(
         raise RattaInputError(f"--batch-size must be >= 1, got {batch_size}")
     if dtype not in DTYPES:
         raise RattaInputError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    if search not in SEARCHES:
-        raise RattaInputError(f"--search must be one of {', '.join(SEARCHES)}, got '{search}'")
     if backend is not None:
         device = backend.check_device(device)
         dev = torch.device(device)
     else:
         dev = resolve_device(device)
+    check_search(search, db_placement, dev, config.k_s)
     work = DTYPES[dtype]
     out_path = Path(out)
-    timer = StageTimer(dev if backend is None else torch.device("cpu"))
+    timer = StageTimer(dev if backend is None else torch.device("cpu"), profile)
     t_start = time.perf_counter()
 
     with timer("load"):
@@ -365,25 +372,31 @@ def adapt(
         check_batch_memory(reader, inp.views, batch_size, work)
     spans = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
     shards: dict[str, Any] | None = None
+    placed: dict[str, Any] = {}
     if backend is not None:
+        job = RangeAdapter(
+            features,
+            text,
+            db,
+            config,
+            dtype=dtype,
+            search=search,
+            views=views,
+            tf32=tf32,
+            profile=profile,
+            db_placement=db_placement,
+        )
         outputs, shards = _adapt_on_ray(
-            inp, spans, out_path, config, dtype, search, batch_size, backend, timer, progress
+            inp, job, spans, out_path, batch_size, backend, timer, progress
         )
         database_rows, desc_rows = inspect_database(db).count, int(txt.desc.shape[0])
     else:
-        with timer("load"):
-            loaded = _load_search(inp, dev, work, search)
-        database_rows, desc_rows = loaded.retriever.size, int(loaded.desc.shape[0])
-        parts: dict[str, list[Tensor]] = defaultdict(list)
-        bar = progress_bar(progress, "adapt", iterable=spans, unit="batch", leave=False)
-        with torch.inference_mode():
-            for span in bar:
-                result = _adapt_range(inp, loaded, span, config, work, timer)
-                for key in OUTPUT_KEYS:
-                    parts[key].append(result[key])
-        bar.close()
-        reader.warn_renormalised()
-        outputs = {key: torch.cat(parts[key]) for key in OUTPUT_KEYS}
+        with numerics(tf32), torch.inference_mode():
+            with timer("load"):
+                loaded = _load_search(inp, dev, work, search, db_placement, databases)
+            outputs = _adapt_local(inp, loaded, spans, config, work, timer, progress)
+        database_rows, desc_rows = loaded.database.retriever.size, int(loaded.desc.shape[0])
+        placed = loaded.database.to_dict()
     for key in OUTPUT_KEYS:
         if outputs[key].is_floating_point():
             outputs[key] = outputs[key].float()
@@ -411,6 +424,9 @@ def adapt(
             "search": search,
             "threads": torch.get_num_threads(),
             "backend": backend.to_dict() if backend is not None else {"name": "local"},
+            "compute": compute_info(dev, dtype, tf32),
+            "profile": profile,
+            **placed,
         },
     }
     if shards is not None:
@@ -449,13 +465,38 @@ def adapt(
     return summary
 
 
+def _adapt_local(
+    inp: _Inputs,
+    loaded: _Search,
+    spans: list[tuple[int, int]],
+    config: RATTAConfig,
+    work: torch.dtype,
+    timer: StageTimer,
+    progress: Progress,
+) -> dict[str, Tensor]:
+    """Adapt ``spans`` here, reading each next batch while the current one is adapted."""
+    dev = loaded.classifier.device
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    bar = progress_bar(progress, "adapt", total=len(spans), unit="batch", leave=False)
+    with contextlib.closing(read_ahead(spans, lambda span: _read(inp, span, dev))) as batches:
+        while True:
+            with timer("read"):
+                host_x = next(batches, None)
+            if host_x is None:
+                break
+            for key, value in _adapt_batch(host_x, loaded, config, work, timer).items():
+                parts[key].append(value)
+            bar.update()
+    bar.close()
+    inp.reader.warn_renormalised()
+    return {key: torch.cat(parts[key]) for key in OUTPUT_KEYS}
+
+
 def _adapt_on_ray(
     inp: _Inputs,
+    job: RangeAdapter,
     spans: list[tuple[int, int]],
     out_path: Path,
-    config: RATTAConfig,
-    dtype: str,
-    search: str,
     batch_size: int,
     backend: RayBackend,
     timer: StageTimer,
@@ -470,17 +511,14 @@ def _adapt_on_ray(
     identity = {
         "ratta_version": __version__,
         "inputs": [file_stamp(p) for p in (inp.features, inp.text, inp.db)],
-        "config": config.to_dict(),
-        "dtype": dtype,
-        "search": search,
+        "config": job.config.to_dict(),
+        "dtype": job.dtype,
+        "search": job.search,
         "views": inp.views,
         "batch_size": batch_size,
     }
     store = ShardStore(Path(f"{out_path}.parts"), identity, "adaptation", prefix="batch")
     todo = store.todo(len(spans))
-    job = RangeAdapter(
-        inp.features, inp.text, inp.db, config, dtype=dtype, search=search, views=inp.views
-    )
 
     def save(i: int, result: dict[str, Any]) -> None:
         store.save(i, result["outputs"], {"renormalised": result["renormalised"]})

@@ -7,8 +7,8 @@ sample of rows, filled block by block, and measured against exact search on a sa
 queries: recall@20 (the share of the true 20 nearest rows found, K_S = 20 in the paper) and
 top-1 agreement. Without explicit ``search_params`` the first search parameter of the
 index (IVF ``nprobe``, HNSW ``efSearch``) is tuned to the smallest value that reaches
-``target_recall``. FAISS's GPU build is used for training and adding when it is installed
-and sees a GPU.
+``target_recall``. FAISS's GPU build is used for training and adding, on one GPU (``device``,
+by default the first), when it is installed and sees one.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from ratta.db.store import (
     MANIFEST,
     Database,
     check_search_params,
-    to_gpu,
 )
-from ratta.db.store import gpu_available as gpu_available
+from ratta.devices import DeviceFallbackWarning, resolve_device
 from ratta.errors import RattaInputError
 from ratta.files import RattaInputWarning, write_json
 from ratta.guard import Read, Write, guarded
 from ratta.progress import Progress, progress_bar
+from ratta.retrieval import faiss_gpu_count, faiss_to_device
 
 RECALL_K = 20
 
@@ -175,12 +175,14 @@ def build_index(
     *,
     queries: np.ndarray | None = None,
     progress: Progress = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Build, tune and measure ``settings.spec`` over ``db``; write it into the directory.
 
     ``queries`` [Q, d] are the recall measurement's queries (e.g. the description rows of
-    a text file); by default :func:`sample_queries`. Returns the manifest's ``index``
-    section; the caller writes the manifest.
+    a text file); by default :func:`sample_queries`. ``device``: the GPU that trains and
+    fills the index (``cuda:N``; ``cpu`` for none); by default the first GPU FAISS sees.
+    Returns the manifest's ``index`` section; the caller writes the manifest.
     """
     import faiss
 
@@ -199,7 +201,17 @@ def build_index(
                 f"--search-params {settings.search_params}: not valid for {settings.spec} "
                 f"({_faiss_reason(exc)})"
             ) from None
-    index = to_gpu(cpu_index)
+    if device is not None:
+        where = resolve_device(device)
+    else:
+        where = torch.device("cuda", 0) if faiss_gpu_count() else torch.device("cpu")
+    index, reason = faiss_to_device(cpu_index, where)
+    if reason is not None and device is not None:
+        warnings.warn(
+            f"--device {device}: FAISS builds the index on the CPU: {reason}",
+            DeviceFallbackWarning,
+            stacklevel=2,
+        )
     on_gpu = index is not cpu_index
     train_rows = 0
     # one bar over the rows added; its note says which step runs (training and the recall
@@ -325,6 +337,7 @@ def reindex(
     *,
     queries: np.ndarray | None = None,
     progress: Progress = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Replace the index of an existing database directory (``exact`` removes it).
 
@@ -336,7 +349,7 @@ def reindex(
     if settings.spec == EXACT:
         section: dict[str, Any] = {"spec": EXACT}
     else:
-        section = build_index(db, settings, queries=queries, progress=progress)
+        section = build_index(db, settings, queries=queries, progress=progress, device=device)
     db.manifest.index = section
     write_json(db.path / MANIFEST, db.manifest.to_dict())
     publish(db.path / MANIFEST)

@@ -30,11 +30,9 @@ from torch import Tensor
 from ratta.backbones import sha256_file
 from ratta.errors import RattaInputError
 from ratta.files import (
-    check_norms,
-    load_database,
+    ArrayRows,
+    load_rows,
     open_database,
-    readonly_tensor,
-    warn_renormalised,
 )
 from ratta.identity import read_npy_header
 
@@ -212,6 +210,10 @@ class Database:
         return self.manifest.dimension
 
     @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest.dtype)
+
+    @property
     def index_spec(self) -> str:
         return str(self.manifest.index.get("spec", EXACT))
 
@@ -246,6 +248,11 @@ class Database:
             yield shard, start, self._open_shard(shard)
             start += shard.rows
 
+    def files(self) -> Iterator[tuple[Path, int, np.ndarray]]:
+        """(shard file, first row, memory-mapped [n, d] array) in row order."""
+        for shard, start, arr in self.shards():
+            yield self.path / shard.file, start, arr
+
     def blocks(self, rows: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, memory-mapped block) of at most ``rows`` rows, never across shards."""
         for _, start, arr in self.shards():
@@ -275,8 +282,8 @@ class Database:
                 bad.append(str(p))
         return bad
 
-    def read_index(self, device: torch.device | None = None) -> Any:
-        """The FAISS index with the manifest's search parameters (on the GPU for CUDA devices)."""
+    def read_index(self) -> Any:
+        """The FAISS index, in host memory, with the manifest's search parameters."""
         import faiss
 
         info = self.manifest.index
@@ -302,26 +309,6 @@ class Database:
                 raise RattaInputError(
                     f"{self.path / MANIFEST}: index search parameters are not valid ({first})"
                 ) from None
-        if device is not None and device.type == "cuda":
-            index = to_gpu(index)
-        return index
-
-
-def gpu_available() -> bool:
-    import faiss
-
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-
-
-def to_gpu(index: Any) -> Any:
-    """The index on all GPUs when FAISS's GPU build sees any; unchanged otherwise."""
-    import faiss
-
-    if not gpu_available():
-        return index
-    try:
-        return faiss.index_cpu_to_all_gpus(index)
-    except RuntimeError:  # not every index type has a GPU implementation (HNSW has none)
         return index
 
 
@@ -357,32 +344,20 @@ def load_for_search(
 ) -> tuple[Tensor, Tensor, Any | None]:
     """Embeddings [N, d] of ``dtype`` on ``device``, their squared norms [N], and the index.
 
-    ``path`` is a ``.npy`` file (read by :func:`ratta.files.load_database`, no index) or a
-    database directory, whose shards are concatenated and validated the same way, chunk by
-    chunk (NaN/Inf and zero rows are errors, rows off the unit sphere are re-normalised with
-    a warning). The index is ``None`` for exact databases or when ``with_index`` is false.
+    ``path`` is a ``.npy`` file (no index) or a database directory, whose shards are read
+    in order and validated chunk by chunk (NaN/Inf and zero rows are errors, rows off the
+    unit sphere are re-normalised with a warning): :func:`ratta.files.load_rows`. The index
+    (in host memory) is ``None`` for exact databases or when ``with_index`` is false.
     """
+    source = open_rows(path)
+    emb, sq_norms = load_rows(source, dtype, device)
+    index = None
+    if with_index and isinstance(source, Database) and source.has_index:
+        index = source.read_index()
+    return emb, sq_norms, index
+
+
+def open_rows(path: str | os.PathLike[str]) -> Database | ArrayRows:
+    """A database directory or ``.npy`` file, opened (headers checked), rows memory-mapped."""
     p = Path(path)
-    dev = torch.device(device)
-    if not p.is_dir():
-        emb, sq = load_database(p, dtype=dtype, device=dev)
-        return emb, sq, None
-    db = Database(p)
-    out = torch.empty((db.count, db.dim), dtype=dtype, device=dev)
-    sq_norms = torch.empty(db.count, dtype=dtype, device=dev)
-    fixed = 0
-    for shard, start, arr in db.shards():
-        for s in range(0, arr.shape[0], BLOCK_ROWS):
-            lo = start + s
-            block = out[lo : lo + min(BLOCK_ROWS, arr.shape[0] - s)]
-            block.copy_(readonly_tensor(arr[s : s + BLOCK_ROWS]))
-            norms = torch.linalg.vector_norm(block, dim=-1)
-            n = check_norms(block, norms, db.path / shard.file, "database", s)
-            if n:
-                block.div_(norms.unsqueeze(1))
-                norms = torch.linalg.vector_norm(block, dim=-1)
-            sq_norms[lo : lo + block.shape[0]] = norms * norms
-            fixed += n
-    warn_renormalised(db.path, "database", fixed)
-    index = db.read_index(dev) if with_index and db.has_index else None
-    return out, sq_norms, index
+    return Database(p) if p.is_dir() else ArrayRows(p)

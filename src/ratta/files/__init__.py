@@ -26,7 +26,17 @@ from ratta.files.checks import (
     check_norms,
     warn_renormalised,
 )
-from ratta.files.database import load_database, open_database, readonly_tensor, save_database
+from ratta.files.database import (
+    ArrayRows,
+    CheckedBlock,
+    load_database,
+    load_rows,
+    open_database,
+    readonly_tensor,
+    save_database,
+    scan_rows,
+    torch_dtype,
+)
 from ratta.files.features import FeatureReader, save_features
 from ratta.files.safetensors_io import SafetensorsStreamWriter, save_safetensors
 from ratta.files.text import BASELINE_PREFIX, TextFeatures, load_text, save_text
@@ -36,6 +46,8 @@ __all__ = [
     "EMBED_DTYPES",
     "NORM_TOL",
     "NUMPY_EMBED_DTYPES",
+    "ArrayRows",
+    "CheckedBlock",
     "FeatureReader",
     "RattaInputWarning",
     "SafetensorsStreamWriter",
@@ -44,6 +56,7 @@ __all__ = [
     "check_embeddings",
     "check_norms",
     "load_database",
+    "load_rows",
     "load_text",
     "open_database",
     "readonly_tensor",
@@ -51,6 +64,8 @@ __all__ = [
     "save_features",
     "save_safetensors",
     "save_text",
+    "scan_rows",
+    "torch_dtype",
     "warn_renormalised",
     "write_json",
     "write_text_atomic",

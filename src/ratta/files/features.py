@@ -67,11 +67,14 @@ class FeatureReader:
                     f"(min {lo}, max {hi})"
                 )
 
-    def batch(self, start: int, stop: int, views: int | None = None) -> Tensor:
+    def batch(
+        self, start: int, stop: int, views: int | None = None, *, pin_memory: bool = False
+    ) -> Tensor:
         """Validated test embeddings [b, 1 + V', d] of images start..stop-1 (x_0 first).
 
         ``views`` keeps only the first V' stored views (all by default): the views are i.i.d.,
-        so their prefix is a smaller sample of the same kind.
+        so their prefix is a smaller sample of the same kind. ``pin_memory``: in page-locked
+        memory, ready for an asynchronous copy to a GPU.
         """
         image = self._file.get_slice("image")[start:stop]
         keep = self.num_views if views is None else views
@@ -80,7 +83,10 @@ class FeatureReader:
         views, fixed_views = check_embeddings(views, self.path, "views", start)
         self.renormalised["image"] += fixed_image
         self.renormalised["views"] += fixed_views
-        return torch.cat([image.unsqueeze(1), views.to(image.dtype)], dim=1)
+        out = torch.empty(
+            (image.shape[0], 1 + views.shape[1], self.dim), dtype=image.dtype, pin_memory=pin_memory
+        )
+        return torch.cat([image.unsqueeze(1), views.to(image.dtype)], dim=1, out=out)
 
     def warn_renormalised(self) -> None:
         """Report (once) how many vectors the batches read so far had to re-normalise."""
