@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ratta.devices import resolve_device
 from ratta.errors import RattaInputError
 from ratta.guard import Read
 from ratta.identity import file_sha256 as cached_file_hash
@@ -155,6 +156,11 @@ class Backbone:
     fingerprint: dict[str, Any]
 
     @property
+    def precision(self) -> str:
+        """The precision the encoding device runs: fp16/bf16 autocast on CUDA only."""
+        return str(self.fingerprint["precision"])
+
+    @property
     def logit_scale(self) -> float:
         """The multiplier s = exp(logit_scale) of the model."""
         return float(self.model.logit_scale.detach().float().exp().cpu())
@@ -273,13 +279,14 @@ def load_backbone(
     """Build the model of ``spec`` on ``device`` (open_clip's normal download and cache for tags).
 
     A local checkpoint never touches the network. Failure to obtain weights (unknown tag,
-    offline without a cached copy) is one ``RattaInputError`` line. ``runs_on``: the device
-    that will encode, when it is not ``device`` (Ray workers get a copy of a model loaded
-    on the driver's CPU); it is the device of the fingerprint.
+    offline without a cached copy) or a device this machine does not have is one
+    ``RattaInputError`` line. ``runs_on``: the device that will encode, when it is not
+    ``device`` (Ray workers get a copy of a model loaded on the driver's CPU); it is the
+    device of the fingerprint.
     """
     import open_clip
 
-    dev = torch.device(device)
+    dev = resolve_device(device)
     encoder = torch.device(runs_on) if runs_on is not None else dev
     check_precision(spec, encoder)
     name = resolve_model_name(spec)

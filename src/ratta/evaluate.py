@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from ratta.backbones import BackboneSpec, backbone_fingerprint
 from ratta.config import RATTAConfig
+from ratta.devices import resolve_device
 from ratta.errors import RattaInputError
 from ratta.extract import ExtractSettings
 from ratta.files import FeatureReader, load_text, save_safetensors, write_json, write_text_atomic
@@ -202,6 +203,8 @@ def evaluate(
     log: Any = None,
     backend: RayBackend | None = None,
     force: bool = False,
+    tf32: bool = False,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Run (or reuse) every (dataset, seed) cell and write the reports into ``out_dir``.
 
@@ -211,9 +214,10 @@ def evaluate(
     (the content identities of its features, text and database, its config and views) is
     unchanged, else recomputed with the reason recorded; ``force`` recomputes every cell.
     Returns the JSON report. ``backend``: each cell's extraction and adaptation on Ray
-    workers (see ``run``).
+    workers (see ``run``). The model and each database are loaded once per call, not once
+    per cell; ``tf32`` and ``profile``: see :func:`ratta.adapt.adapt`.
     """
-    from ratta.run import plan_run, reason, run
+    from ratta.run import Loaded, plan_run, reason, run
 
     spec = backbone or BackboneSpec()
     settings = settings or EvalSettings()
@@ -224,10 +228,13 @@ def evaluate(
         )
     datasets = distinct(datasets, "--datasets")
     seeds = distinct(seeds, "--seeds")
+    if backend is None:
+        device = str(resolve_device(device))  # once, not as a failure of every cell
     out = Path(out_dir)
     say = log or (lambda _msg: None)
     started = time.perf_counter()
     bb_fp = backbone_fingerprint(spec, device)
+    loaded = Loaded()
     failures: list[dict[str, Any]] = []
 
     def failed(dataset: str, seed: int, exc: BaseException) -> None:
@@ -309,6 +316,9 @@ def evaluate(
                         backend=backend,
                         force=force,
                         plan=plan,
+                        tf32=tf32,
+                        profile=profile,
+                        loaded=loaded,
                     )
                     t0 = time.perf_counter()
                     save_safetensors(
@@ -583,16 +593,18 @@ def sweep(
     progress: Progress = False,
     backend: RayBackend | None = None,
     force: bool = False,
+    tf32: bool = False,
+    profile: bool = False,
 ) -> list[dict[str, Any]]:
     """Accuracy of CuPL and RA-TTA for each value of one hyperparameter, on cached features.
 
     The features are extracted once (with ``views`` views); a sweep over ``views`` adapts with
     the first V' of them. ``config`` holds the other hyperparameters (default: the dataset's
-    preset). Every value and input is checked before the first run. Writes
-    sweep_<param>.csv/.json and a plot into ``out_dir``.
+    preset). Every value and input is checked before the first run; the model and the
+    database are loaded once. Writes sweep_<param>.csv/.json and a plot into ``out_dir``.
     """
     from ratta.plots import plot_sweep
-    from ratta.run import plan_run, run
+    from ratta.run import Loaded, plan_run, run
 
     checked = sweep_values(param, values, views)
     out = Path(out_dir)
@@ -618,6 +630,7 @@ def sweep(
     ]
     names = [f"sweep_{param}.{ext}" for ext in ("json", "csv", "png")]
     writes = [Write(out, "--out", "folder"), *(Write(out / n, "--out report") for n in names)]
+    loaded = Loaded()
     results = []
     with claim(writes, plans[0].reads):
         for value, plan in zip(checked, plans, strict=True):
@@ -637,6 +650,9 @@ def sweep(
                 backend=backend,
                 force=force and not results,  # recompute the shared caches once
                 plan=plan,
+                tf32=tf32,
+                profile=profile,
+                loaded=loaded,
             )
             m = summary["metrics"]
             results.append(

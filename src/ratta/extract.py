@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ratta import __version__
 from ratta.backbones import Backbone, Preprocessing, embed_dim
+from ratta.devices import compute_info, host_buffer, numerics, resolve_device
 from ratta.distributed import ShardReport, ShardStore
 from ratta.errors import RattaInputError
 from ratta.files import (
@@ -44,7 +45,7 @@ from ratta.identity import files_stamp
 from ratta.progress import Progress, label, progress_bar
 from ratta.provenance import stamp
 from ratta.resources import available_memory, cpu_count, gib, peak_rss_mb
-from ratta.views import crops, normalise
+from ratta.views import crops, normalise, pixel_stats
 
 if TYPE_CHECKING:
     from ratta.distributed import RayBackend
@@ -162,6 +163,9 @@ def encode_chunks(
     every forward pass sees the same inputs whatever the batch size, the workers, the
     chunks encoded together (one, as on a Ray worker, or all, as locally) or resumes: the
     chunk, and so the file, is bitwise reproducible.
+
+    For a GPU, a group's crops are gathered into pinned memory (the copy to the device is
+    asynchronous) and its features come back in one copy, in the stored dtype.
     """
     group = max(1, forward_batch // (1 + settings.views))
     items = [(c.start + j, p, c.k) for c in chunks for j, p in enumerate(c.paths)]
@@ -171,12 +175,12 @@ def encode_chunks(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
-        pin_memory=backbone.device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=_PREFETCH if workers else None,
         multiprocessing_context=context if workers else None,
     )
     out_dtype = FEATURE_DTYPES[settings.dtype]
+    stats = pixel_stats(backbone.preprocessing, backbone.device)
     buffers: dict[int, _ChunkBuffer] = {}
     with progress_bar(progress, "extract", total=len(items), unit="img") as bar:
         for batch in loader:
@@ -192,8 +196,11 @@ def encode_chunks(
                     buf.pending.append((item["index"], item["pixels"]))
                 if len(buf.pending) == group or (buf.complete and buf.pending):
                     t0 = time.perf_counter()
-                    pixels = torch.cat([px for _, px in buf.pending])
-                    feats = _encode(backbone, pixels, forward_batch).to(out_dtype)
+                    group_crops = [px for _, px in buf.pending]
+                    shape = (sum(c.shape[0] for c in group_crops), *group_crops[0].shape[1:])
+                    pixels = host_buffer(shape, torch.uint8, backbone.device)
+                    torch.cat(group_crops, out=pixels)
+                    feats = _encode(backbone, pixels, forward_batch, stats, out_dtype)
                     feats = feats.view(len(buf.pending), 1 + settings.views, -1)
                     buf.rows.extend(zip([i for i, _ in buf.pending], feats, strict=True))
                     buf.pending = []
@@ -213,34 +220,39 @@ class ChunkEncoder:
     """
 
     def __init__(
-        self, backbone: Backbone, settings: ExtractSettings, *, forward_batch: int, workers: int
+        self,
+        backbone: Backbone,
+        settings: ExtractSettings,
+        *,
+        forward_batch: int,
+        workers: int,
+        tf32: bool = False,
     ) -> None:
         model = backbone.model
         if backbone.device.type != "cpu":
             model = copy.deepcopy(model).cpu()
         self.backbone = replace(backbone, model=model, tokenizer=None, device=torch.device("cpu"))
         self.settings = settings
-        self.forward_batch, self.workers = forward_batch, workers
+        self.forward_batch, self.workers, self.tf32 = forward_batch, workers, tf32
         self.imports = (type(model).__module__,)
 
     def setup(self, device: str) -> None:
-        from ratta.adapt import resolve_device
-
         dev = resolve_device(device)
         self.backbone.model.to(dev)
         self.backbone = replace(self.backbone, device=dev)
         self.context = _decoder_context() if self.workers else None
 
     def __call__(self, chunk: Chunk) -> EncodedChunk:
-        ((_, encoded),) = encode_chunks(
-            [chunk],
-            self.backbone,
-            self.settings,
-            batch_size=1,
-            forward_batch=self.forward_batch,
-            workers=self.workers,
-            context=self.context,
-        )
+        with numerics(self.tf32):
+            ((_, encoded),) = encode_chunks(
+                [chunk],
+                self.backbone,
+                self.settings,
+                batch_size=1,
+                forward_batch=self.forward_batch,
+                workers=self.workers,
+                context=self.context,
+            )
         return encoded
 
 
@@ -288,6 +300,7 @@ def extract_features(
     progress: Progress = False,
     backend: RayBackend | None = None,
     reads: Sequence[Read] = (),
+    tf32: bool = False,
 ) -> dict[str, Any]:
     """Encode every image and its views into the features file ``out`` (+ ``out.json``).
 
@@ -309,9 +322,12 @@ def extract_features(
             written here, byte for byte as a local run writes them.
         reads: further inputs that no output may replace (the split file, the data root);
             the images and the backbone's files are always protected.
+        tf32: on CUDA, let float32 products and convolutions round to TF32 (faster, ~1e-3
+            off); off by default (:func:`ratta.devices.numerics`).
 
     Unreadable images are skipped and listed in the summary (``skipped``). The summary's
-    ``shards`` says how many chunks were encoded, skipped (finished earlier), retried.
+    ``shards`` says how many chunks were encoded, skipped (finished earlier), retried;
+    ``compute`` the device and the precision actually used.
     """
     settings = settings or ExtractSettings()
     for name, value in (
@@ -358,25 +374,30 @@ def extract_features(
         _write_chunk(store.path(k), encoded, labels)
         encode_s += encoded.encode_s
 
+    where = backbone.device if backend is None else torch.device(backend.device)
+    compute = compute_info(where, backbone.precision, tf32)
     if backend is None:
         report = ShardReport("local", num_chunks, skipped=num_chunks - len(todo), unit="image")
-        for k, encoded in encode_chunks(
-            todo,
-            backbone,
-            settings,
-            batch_size=batch_size,
-            forward_batch=forward_batch,
-            workers=workers,
-            progress=progress,
-        ):
-            write(k, encoded)
-            report.done.append(k)
+        with numerics(tf32):
+            for k, encoded in encode_chunks(
+                todo,
+                backbone,
+                settings,
+                batch_size=batch_size,
+                forward_batch=forward_batch,
+                workers=workers,
+                progress=progress,
+            ):
+                write(k, encoded)
+                report.done.append(k)
         report.items = sum(len(c.paths) for c in todo)
         report.seconds = time.perf_counter() - started
     elif todo:
         from ratta.distributed import run_shards
 
-        job = ChunkEncoder(backbone, settings, forward_batch=forward_batch, workers=workers)
+        job = ChunkEncoder(
+            backbone, settings, forward_batch=forward_batch, workers=workers, tf32=tf32
+        )
         report = run_shards(
             job,
             [(c.k, c) for c in todo],
@@ -397,6 +418,7 @@ def extract_features(
         "total": round(time.perf_counter() - started, 3),
         "encode": round(encode_s, 3),
     }
+    summary["compute"] = compute
     summary["resumed_chunks"] = num_chunks - len(todo)
     summary["shards"] = report.to_dict()
     summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -466,13 +488,20 @@ def _digest(paths: Sequence[Path], labels: Sequence[int] | None) -> str:
     return h.hexdigest()
 
 
-def _encode(backbone: Backbone, pixels: Tensor, forward_batch: int) -> Tensor:
-    """Normalised embeddings [n, d] (float32, CPU) of uint8 crops [n, 3, S, S]."""
+def _encode(
+    backbone: Backbone,
+    pixels: Tensor,
+    forward_batch: int,
+    stats: tuple[Tensor, Tensor],
+    dtype: torch.dtype,
+) -> Tensor:
+    """Normalised embeddings [n, d] (``dtype``, host memory) of uint8 crops [n, 3, S, S]
+    (pinned for a GPU): one forward per ``forward_batch`` crops, one copy back."""
     out = []
     for start in range(0, pixels.shape[0], forward_batch):
         block = pixels[start : start + forward_batch].to(backbone.device, non_blocking=True)
-        out.append(backbone.encode_images(normalise(block, backbone.preprocessing)).cpu())
-    return torch.cat(out)
+        out.append(backbone.encode_images(normalise(block, backbone.preprocessing, stats)))
+    return torch.cat(out).to(dtype).cpu()
 
 
 def _write_chunk(path: Path, chunk: EncodedChunk, labels: Sequence[int] | None) -> None:

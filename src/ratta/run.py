@@ -42,6 +42,8 @@ from ratta.backbones import (
     load_backbone,
 )
 from ratta.config import RATTAConfig
+from ratta.db.search import DatabaseCache
+from ratta.devices import resolve_device
 from ratta.errors import RattaInputError
 from ratta.extract import ExtractSettings, extract_features
 from ratta.files import write_json, write_text_atomic
@@ -94,15 +96,34 @@ def resolve_descriptions(descriptions: str, preset: DatasetPreset) -> Path:
 
 
 @dataclass
+class Loaded:
+    """What ``ratta eval`` and ``ratta sweep`` keep loaded from one cell to the next: the
+    backbones (one per spec and device) and the last database opened for search, so each
+    is loaded once per run rather than once per cell."""
+
+    backbones: dict[tuple[BackboneSpec, str, str], Backbone] = field(default_factory=dict)
+    databases: DatabaseCache = field(default_factory=DatabaseCache)
+
+    def backbone(self, spec: BackboneSpec, device: str, runs_on: str) -> Backbone:
+        if (spec, device, runs_on) not in self.backbones:
+            self.backbones[spec, device, runs_on] = load_backbone(spec, device, runs_on=runs_on)
+        return self.backbones[spec, device, runs_on]
+
+
+@dataclass
 class _LazyBackbone:
     spec: BackboneSpec
     device: str
     runs_on: str
+    shared: Loaded | None = None
     loaded: Backbone | None = field(default=None)
 
     def get(self) -> Backbone:
         if self.loaded is None:
-            self.loaded = load_backbone(self.spec, self.device, runs_on=self.runs_on)
+            if self.shared is not None:
+                self.loaded = self.shared.backbone(self.spec, self.device, self.runs_on)
+            else:
+                self.loaded = load_backbone(self.spec, self.device, runs_on=self.runs_on)
         return self.loaded
 
 
@@ -299,6 +320,9 @@ def run(
     backend: RayBackend | None = None,
     force: bool = False,
     plan: Plan | None = None,
+    tf32: bool = False,
+    profile: bool = False,
+    loaded: Loaded | None = None,
 ) -> dict[str, Any]:
     """Chain the three stages; returns the adaptation summary with a ``cache`` section.
 
@@ -307,7 +331,11 @@ def run(
     ``device``), the text stage on this process's CPU; the cached files are the same.
     ``force`` recomputes the cached features and text. ``plan``: the result of
     :func:`plan_run` with the same arguments, when the caller already checked them.
+    ``tf32`` and ``profile``: see :func:`ratta.adapt.adapt`. ``loaded`` keeps the model
+    and the database loaded for the next call (eval and sweep cells).
     """
+    if backend is None:
+        device = str(resolve_device(device))
     spec = backbone or BackboneSpec()
     settings = settings or ExtractSettings()
     if plan is None:
@@ -336,7 +364,7 @@ def run(
         *output_files(text, "--cache text")[:2],
     ]
     with claim(writes, plan.reads):
-        lazy = _LazyBackbone(spec, "cpu" if backend is not None else device, device)
+        lazy = _LazyBackbone(spec, "cpu" if backend is not None else device, device, loaded)
         started = time.perf_counter()
         previous = _previous(out)
         split = plan.split
@@ -355,6 +383,7 @@ def run(
                 progress=within(progress, "extract"),
                 backend=backend,
                 reads=plan.reads,
+                tf32=tf32,
             )
 
         def encode_text() -> None:
@@ -369,6 +398,7 @@ def run(
                 metadata={"dataset": dataset},
                 reads=plan.reads,
                 progress=within(progress, "text"),
+                tf32=tf32,
             )
 
         stages: dict[str, float] = {}
@@ -393,6 +423,9 @@ def run(
             views=adapt_views,
             progress=within(progress, "adapt"),
             backend=backend,
+            tf32=tf32,
+            profile=profile,
+            databases=loaded.databases if loaded is not None else None,
         )
         stages["adapt"] = time.perf_counter() - t0
         extraction = json.loads(Path(f"{features}.json").read_text())

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ratta.backbones import Backbone
+from ratta.devices import compute_info, numerics
 from ratta.errors import RattaInputError
 from ratta.files import TextFeatures, atomic_path, save_text, write_json
 from ratta.guard import Read, Write, guarded, output_files
@@ -221,11 +222,15 @@ def build_text_features(
     metadata: dict[str, Any] | None = None,
     reads: Sequence[Read] = (),
     progress: Progress = False,
+    tf32: bool = False,
 ) -> dict[str, Any]:
     """Write the text features file ``out`` (and ``out.json``); returns the summary.
 
     ``reads``: further inputs no output may replace (the files the class names came from).
-    ``progress``: a bar over the texts encoded (see :mod:`ratta.progress`).
+    ``progress``: a bar over the texts encoded (see :mod:`ratta.progress`). ``tf32``: on
+    CUDA, let float32 products round to TF32 (off by default,
+    :func:`ratta.devices.numerics`). The summary's ``compute`` holds the device and the
+    precision actually used.
     """
     out_path = Path(out)
     descriptions = load_descriptions(descriptions_file)
@@ -235,7 +240,7 @@ def build_text_features(
     prompts = compose_prompts(class_names, per_class, templates, pre)
     texts = sum(len(t) for t in (*prompts.classifier_texts, *prompts.desc_texts))
     texts += len(class_names) * (1 + len(templates))  # the baselines
-    with progress_bar(progress, "text", total=texts, unit="text") as bar:
+    with numerics(tf32), progress_bar(progress, "text", total=texts, unit="text") as bar:
         classifier, desc, desc_class = encode_prompts(prompts, backbone, bar.update)
         baselines = baseline_classifiers(class_names, templates, backbone, bar.update)
     desc_hash = hashlib.sha256(Path(descriptions_file).read_bytes()).hexdigest()
@@ -264,6 +269,7 @@ def build_text_features(
         "description_rows": int(desc.shape[0]),
         "classifier_texts": sum(len(t) for t in prompts.classifier_texts),
         "logit_scale": text.logit_scale,
+        "compute": compute_info(backbone.device, backbone.precision, tf32),
         **info,
     }
     write_json(Path(f"{out_path}.json"), summary)

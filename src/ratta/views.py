@@ -67,9 +67,21 @@ def crops(img: Image.Image, pre: Preprocessing, views: int, seed: int, index: in
     return out
 
 
-def normalise(pixels: Tensor, pre: Preprocessing) -> Tensor:
-    """uint8 [..., 3, S, S] -> float32 (x / 255 - mean) / std on the tensor's device."""
+def pixel_stats(pre: Preprocessing, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """CLIP's mean and std as [3, 1, 1] float32 tensors on ``device`` (made once per run:
+    building them per batch would copy them to a GPU every time)."""
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1).to(device)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1).to(device)
+    return mean, std
+
+
+def normalise(
+    pixels: Tensor, pre: Preprocessing, stats: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """uint8 [..., 3, S, S] -> float32 (x / 255 - mean) / std on the tensor's device.
+
+    ``stats``: :func:`pixel_stats` of ``pre`` on that device, if already made.
+    """
     x = pixels.to(torch.float32).div(255)
-    mean = torch.tensor(pre.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    mean, std = stats if stats is not None else pixel_stats(pre, x.device)
     return x.sub_(mean).div_(std)
