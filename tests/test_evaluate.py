@@ -206,6 +206,32 @@ def test_sweep_reuses_one_extraction(setup) -> None:
     assert len(read_csv(out / "sweep_views.csv")) == 2
 
 
+def test_eval_and_sweep_load_the_model_and_each_database_once(setup, monkeypatch) -> None:
+    import ratta.db.search
+
+    loads = {"backbone": 0, "database": 0}
+
+    def counting(name, real):
+        def wrapped(*args, **kwargs):
+            loads[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(ratta.run, "load_backbone", counting("backbone", ratta.run.load_backbone))
+    monkeypatch.setattr(
+        ratta.db.search, "open_search", counting("database", ratta.db.search.open_search)
+    )
+    dbs = str(setup["dbs"])
+    argv = ["eval", "--datasets", "dtd", "--db-root", dbs, "--seeds", "0", "1", "--out"]
+    assert main([*argv, str(setup["tmp"] / "eval"), *setup["args"]]) == 0
+    assert loads == {"backbone": 1, "database": 1}  # 2 cells: 2 extractions, 2 adaptations
+    base = ["--dataset", "dtd", "--db", f"{dbs}/dtd.npy", "--out", str(setup["tmp"] / "sw")]
+    assert main(["sweep", "--param", "k_s", "--values", "2", "5", "9", *base, *setup["args"]]) == 0
+    # the database once more for 3 values; the model not at all (seed 0's files are cached)
+    assert loads == {"backbone": 1, "database": 2}
+
+
 def test_ece_matches_the_definition() -> None:
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(3 * torch.randn(200, 7, generator=g), 1)

@@ -84,9 +84,10 @@ def test_the_database_modules_import_in_one_order() -> None:
 
 
 def test_the_engine_and_the_formats_import_no_stage() -> None:
-    """Stages depend on the engine and the formats, never the other way."""
+    """Stages depend on the engine and the formats, never the other way (``ratta.devices``:
+    device strings and pinned host buffers, below both)."""
     engine = {"ratta.config", "ratta.engine", "ratta.sinkhorn", "ratta.retrieval"}
-    formats = {"ratta.atomic", "ratta.errors", "ratta.guard", "ratta.identity"}
+    formats = {"ratta.atomic", "ratta.errors", "ratta.guard", "ratta.identity", "ratta.devices"}
     formats |= {m for m in MODULES if m.startswith("ratta.files")}
     for module in sorted(engine | formats):
         assert IMPORTS[module] <= engine | formats, module

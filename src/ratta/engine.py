@@ -24,9 +24,10 @@ from ratta.sinkhorn import sinkhorn_knopp
 # Size (elements) of the [b, V+1, M] similarity block scored at once on a CPU: small enough
 # to stay in cache between the GEMM and the reductions (measured fastest at ~8 MB on 2 cores).
 _SCORE_BLOCK = 1 << 21
-# On a GPU, blocks of ~256 MB (float32): dozens of images per block even for ImageNet-sized
-# description sets (M = 50k at V = 100: 13 images), each block a few large kernels.
-_DEVICE_SCORE_BLOCK = 1 << 26
+# On a GPU, blocks of 128 MB (float32): several images per block even for ImageNet-sized
+# description sets (M = 50k at V = 100: 6 images, a [606, d] x [d, 50k] product), and a
+# working set of ~0.4 GB with the quantiles' selections.
+_DEVICE_SCORE_BLOCK = 1 << 25
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from ratta.files import readonly_tensor, torch_dtype
 # blocks keep the GEMM compute-bound (a 64 MB block was 1.5x slower than 16 MB on 2 cores).
 _SCAN_BLOCK = 1 << 22
 _SCAN_ROWS = (2048, 16384)
-# On a GPU, ~512 MB distance blocks of 8k-128k rows: few, large kernels.
-_DEVICE_SCAN_BLOCK = 1 << 27
-_DEVICE_SCAN_ROWS = (8192, 1 << 17)
+# On a GPU, distance blocks of up to 256 MB over 8k-64k rows (widened: 128 MB at d = 512).
+_DEVICE_SCAN_BLOCK = 1 << 26
+_DEVICE_SCAN_ROWS = (8192, 1 << 16)
 # Rows per host-to-device copy when streaming (128 MB of float16 rows at d = 512).
 STREAM_ROWS = 1 << 17
 # The largest k (and IVF nprobe) FAISS's GPU indexes search with (GPU_MAX_SELECTION_K).
@@ -175,7 +175,8 @@ class StreamedRetriever(ExactRetriever):
     """:class:`ExactRetriever` over rows left in host memory: every search streams them to
     the device in blocks of ``STREAM_ROWS`` through two pinned staging buffers, the copy of
     one block overlapping the scan of the previous one; only the squared norms (and the
-    divisors) stay on the device. For databases larger than the device's free memory.
+    divisors) stay on the device. For databases larger than the device's free memory; on a
+    CPU, it scans the memory map itself (no copy of the database in memory).
     """
 
     def __init__(self, rows: HostRows, sq_norms: Tensor, *, divisor: Tensor | None = None) -> None:
@@ -189,6 +190,10 @@ class StreamedRetriever(ExactRetriever):
 
     def _blocks(self) -> Iterator[tuple[int, Tensor]]:
         source, device = self.rows.source, self.device
+        if device.type != "cuda":  # the memory map is already host memory
+            for first, block in source.blocks(STREAM_ROWS):
+                yield first, readonly_tensor(block)
+            return
         staging: list[Tensor] = []
         copied: list[Any] = [None, None]  # the copy out of each staging buffer, in flight
         for i, (first, block) in enumerate(source.blocks(STREAM_ROWS)):

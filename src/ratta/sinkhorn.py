@@ -69,7 +69,7 @@ def sinkhorn_knopp(
             stop = stop | (err < stop_thr)
         it_w = torch.where(running & stop, it + 1, it_w)
         running = running & ~stop
-        if it % sync_every == 0 and it + 1 < max_iter:
+        if it % sync_every == 0 and 0 < it < max_iter - 1:
             keep = running.nonzero().squeeze(1)
             if keep.numel() < running.numel():
                 u.index_copy_(0, idx, u_w)

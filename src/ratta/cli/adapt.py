@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ratta.cli.options import backend_args, bars, command, ray_backend
+from ratta.cli.options import backend_args, bars, command, compute_args, ray_backend
 from ratta.cli.report import format_results, print_shards
 from ratta.config import RATTAConfig
 
@@ -36,6 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="exact: BLAS scan (default); faiss: IndexFlatL2; index: the database "
         "directory's approximate index",
     )
+    p.add_argument(
+        "--db-placement",
+        default="auto",
+        choices=("auto", "device", "streamed"),
+        help="exact search: the rows on the device as stored, or streamed from host memory "
+        "at every search; auto streams on a GPU without room for them (%(default)s)",
+    )
+    compute_args(p, profile=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     backend_args(p, workers=True)
 
@@ -56,6 +64,9 @@ def _run_adapt(args: argparse.Namespace) -> int:
         search=args.search,
         progress=bars(args, "adapt"),
         backend=ray_backend(args),
+        tf32=args.tf32,
+        profile=args.profile,
+        db_placement=args.db_placement,
     )
     print(format_results(summary))
     print_shards(summary)

@@ -116,6 +116,23 @@ def extract_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def compute_args(p: argparse.ArgumentParser, profile: bool = False) -> None:
+    """``--tf32`` (and ``--profile`` for the commands that adapt): CUDA numerics and timing."""
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="on CUDA, let float32 products and convolutions round to TF32: faster, but "
+        "results differ from full precision by ~1e-3 (off by default)",
+    )
+    if profile:
+        p.add_argument(
+            "--profile",
+            action="store_true",
+            help="on CUDA, wait for the device at every stage boundary, so that the stage "
+            "times of the summary are exact (costs a synchronisation per stage)",
+        )
+
+
 def backend_args(p: argparse.ArgumentParser, workers: bool = False) -> None:
     """``--backend`` and the Ray flags; ``workers``: also add ``--workers`` (Ray workers)."""
     g = p.add_argument_group("scale-out on Ray (docs/ray.md)")
@@ -162,6 +179,7 @@ def pipeline_args(p: argparse.ArgumentParser, workers: bool = True) -> None:
     if workers:
         workers_arg(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (%(default)s)")
+    compute_args(p, profile=True)
     p.add_argument(
         "--cache", default=None, help="cache folder (default: $RATTA_CACHE or ~/.cache/ratta)"
     )
@@ -257,7 +275,7 @@ def decode_workers(args: argparse.Namespace, backend: Any) -> int:
 def model_device(args: argparse.Namespace, backend: Any) -> str:
     """Where the driver loads the model: ``--device`` locally; on Ray the CPU, since the
     workers get their copy on their own device (the driver may have no GPU)."""
-    from ratta.adapt import resolve_device
+    from ratta.devices import resolve_device
 
     if backend is None:
         return str(resolve_device(args.device))
@@ -265,10 +283,17 @@ def model_device(args: argparse.Namespace, backend: Any) -> str:
 
 
 def pipeline_backend(args: argparse.Namespace) -> dict[str, Any]:
-    """``backend``, ``device`` and ``workers`` of ``run()`` for run, eval and sweep: locally
-    this machine's device; on Ray the workers' (the driver needs none)."""
-    from ratta.adapt import resolve_device
+    """``backend``, ``device``, ``workers``, ``tf32`` and ``profile`` of ``run()`` for run,
+    eval and sweep: locally this machine's device; on Ray the workers' (the driver needs
+    none)."""
+    from ratta.devices import resolve_device
 
     backend = ray_backend(args, local_workers=True)  # checks --device against the workers
     device = str(resolve_device(args.device)) if backend is None else args.device
-    return {"backend": backend, "device": device, "workers": decode_workers(args, backend)}
+    return {
+        "backend": backend,
+        "device": device,
+        "workers": decode_workers(args, backend),
+        "tf32": args.tf32,
+        "profile": args.profile,
+    }

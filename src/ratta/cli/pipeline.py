@@ -12,6 +12,7 @@ from ratta.cli.options import (
     backend_args,
     bars,
     command,
+    compute_args,
     dataset_args,
     decode_workers,
     extract_args,
@@ -49,6 +50,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "--chunk-size", type=int, default=256, help="images per resumable chunk (a Ray shard)"
     )
     p.add_argument("--device", default="cpu")
+    compute_args(p)
     out_quiet_args(p, "features .safetensors (summary at OUT.json)")
     backend_args(p)
 
@@ -77,6 +79,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         progress=bars(args, "extract"),
         backend=backend,
         reads=split.reads(),
+        tf32=args.tf32,
     )
     print(
         f"{summary['images']} images x (1 + {summary['views']}) crops, "
@@ -112,13 +115,14 @@ def _add_text(sub: argparse._SubParsersAction) -> None:
         help="classes without descriptions use the hand templates",
     )
     p.add_argument("--device", default="cpu")
+    compute_args(p)
     out_quiet_args(p, "text .safetensors (summary at OUT.json)", "no progress bar")
 
 
 def _run_text(args: argparse.Namespace) -> int:
-    from ratta.adapt import resolve_device
     from ratta.backbones import load_backbone
     from ratta.datasets import load_split
+    from ratta.devices import resolve_device
     from ratta.run import dataset_preset, resolve_descriptions
     from ratta.text import build_text_features
 
@@ -137,6 +141,7 @@ def _run_text(args: argparse.Namespace) -> int:
         metadata={"dataset": args.dataset},
         reads=split.reads(),
         progress=bars(args, "text"),
+        tf32=args.tf32,
     )
     print(
         f"{summary['classes']} classes, {summary['description_rows']} description rows, "

@@ -43,9 +43,10 @@ from ratta.retrieval import (
 
 SEARCHES = ("exact", "faiss", "index")
 PLACEMENTS = ("auto", "device", "streamed")
-# Device memory left free for the engine's blocks: scoring (~256 MB of similarities and
-# their selections), the scan's widened rows and distances (~512 MB each), a batch.
-DEVICE_WORKSPACE = 2 << 30
+# Device memory left free for the engine's blocks: scoring (128 MB of similarities and
+# their selections, ~0.4 GB at paper scale), the scan's widened rows and distances
+# (128 + 256 MB at most), a batch of embeddings.
+DEVICE_WORKSPACE = 1 << 30
 
 
 @dataclass

@@ -22,6 +22,9 @@ from ratta.errors import RattaInputError
 from ratta.files.checks import NUMPY_EMBED_DTYPES, check_norms, warn_renormalised
 from ratta.identity import read_npy_header
 
+# Rows validated at a time when a database is loaded: 64k x 512 float32 is 128 MB.
+CHECK_ROWS = 1 << 16
+
 
 def open_database(path: str | os.PathLike[str], what: str = "database") -> np.ndarray:
     """Memory-map a database ``.npy`` [N, d] and check its header.
@@ -102,7 +105,7 @@ def scan_rows(
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
     out: Tensor | None = None,
-    chunk_rows: int = 1 << 16,
+    chunk_rows: int | None = None,
 ) -> Iterator[CheckedBlock]:
     """Every row of a database once, in blocks: copied to ``device``, widened to ``dtype``
     (into ``out``, an [N, d] tensor of ``dtype`` on ``device``, when given), validated.
@@ -113,6 +116,7 @@ def scan_rows(
     directories.
     """
     fixed = 0
+    chunk_rows = chunk_rows or CHECK_ROWS
     for path, first, arr in source.files():
         for s in range(0, arr.shape[0], chunk_rows):
             start = first + s
@@ -138,7 +142,7 @@ def load_rows(
     source: Any,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-    chunk_rows: int = 1 << 16,
+    chunk_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A whole database as one validated [N, d] tensor of ``dtype`` and its squared norms [N]."""
     out = torch.empty((source.count, source.dim), dtype=dtype, device=device)
@@ -152,7 +156,7 @@ def load_database(
     path: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-    chunk_rows: int = 1 << 16,
+    chunk_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Read a database ``.npy`` into one [N, d] tensor of ``dtype``, validating it chunk by
     chunk.
