@@ -73,7 +73,7 @@ def run(paths: dict[str, Path], images: int, batch_size: int, search: str) -> di
     total = (len(c.syncs), len(c.h2d), c.h2d_bytes, len(c.d2h), c.d2h_bytes)
     batches = len(marks)
     per_batch = [(total[i] - marks[0][i]) / batches for i in range(5)]
-    top = Counter(f"{e.site} {e.what}" for e in c.syncs[marks[0][0] :]).most_common(6)
+    sites = Counter(f"{e.site} {e.what}" for e in c.syncs[marks[0][0] :]).most_common()
     return {
         "images": images,
         "batches": batches,
@@ -93,7 +93,7 @@ def run(paths: dict[str, Path], images: int, batch_size: int, search: str) -> di
             )
         ),
         "loading": {"syncs": marks[0][0], "h2d_bytes": marks[0][2]},
-        "top_sync_sites_per_batch": {site: n / batches for site, n in top},
+        "sync_sites_per_batch": {site: n / batches for site, n in sites},
         "peak_device_mb": gpu.peak / 2**20,
         "float_atomics": len(c.atomics),
         "tf32_products": len(c.tf32),
@@ -129,7 +129,7 @@ def main() -> None:
         f"float atomics {r['float_atomics']}, TF32 products {r['tf32_products']}"
     )
     print("  most frequent waits per batch:")
-    for site, n in r["top_sync_sites_per_batch"].items():
+    for site, n in list(r["sync_sites_per_batch"].items())[:8]:
         print(f"    {n:7.1f}  {site}")
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))

@@ -405,8 +405,8 @@ class SimulatedCuda(TorchFunctionMode):
             for i in idx:
                 if not self.on_device(i) and i.dim() > 0:
                     self._transfer("h2d", f"{name} host index", _nbytes(i), blocking=True)
-        if name == "__setitem__" and isinstance(args[2], torch.Tensor) and args[2].dim() > 0:
-            value = args[2]
+        value = args[2] if name == "__setitem__" else None
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() > 0:
             if base_dev != self.on_device(value):
                 if idx:
                     self._mix(f"{name} of another device's values", [base, value])

@@ -29,10 +29,10 @@ def sinkhorn_knopp(
     index is a multiple of 10 the marginal error ``||(diag(u) K diag(v))^T 1 - b||_2`` is
     computed and the problem stops once it is below ``stop_thr``; a problem whose update hits
     a zero in K^T u or a non-finite scaling keeps its previous (u, v) and stops. Every problem
-    stops on its own schedule: a stopped problem's (u, v) are frozen on the device, and every
-    ``sync_every`` iterations the host looks at which problems still run, drops the others
-    from the working set and ends the loop when none is left (one host synchronisation per
-    look, at most ``max_iter / sync_every``).
+    stops on its own schedule: a stopped problem's (u, v) are frozen on the device, and after
+    iteration 0 and every ``sync_every`` iterations the host looks at which problems still
+    run, drops the others from the working set and ends the loop when none is left (one host
+    synchronisation per look, at most ``ceil(max_iter / sync_every)``).
 
     Args:
         a: [P, n] source histograms (positive, summing to 1).
@@ -69,7 +69,7 @@ def sinkhorn_knopp(
             stop = stop | (err < stop_thr)
         it_w = torch.where(running & stop, it + 1, it_w)
         running = running & ~stop
-        if it % sync_every == 0 and 0 < it < max_iter - 1:
+        if it % sync_every == 0 and it < max_iter - 1:
             keep = running.nonzero().squeeze(1)
             if keep.numel() < running.numel():
                 u.index_copy_(0, idx, u_w)
