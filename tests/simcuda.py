@@ -406,12 +406,13 @@ class SimulatedCuda(TorchFunctionMode):
                 if not self.on_device(i) and i.dim() > 0:
                     self._transfer("h2d", f"{name} host index", _nbytes(i), blocking=True)
         value = args[2] if name == "__setitem__" else None
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() > 0:
-            if base_dev != self.on_device(value):
-                if idx:
-                    self._mix(f"{name} of another device's values", [base, value])
-                kind = "h2d" if base_dev else "d2h"
-                self._transfer(kind, f"{name} copy", _nbytes(value), blocking=True)
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.numel() == 0:
+            return
+        if base_dev != self.on_device(value):
+            if idx:
+                self._mix(f"{name} of another device's values", [base, value])
+            kind = "h2d" if base_dev else "d2h"
+            self._transfer(kind, f"{name} copy", _nbytes(value), blocking=True)
 
     def _precision(self, name: str, dev_in: list[torch.Tensor]) -> None:
         if not any(t.dtype == torch.float32 for t in dev_in):

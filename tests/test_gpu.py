@@ -380,22 +380,28 @@ def test_extract_on_a_gpu(tmp_path, tiny_backbone, cuda_backbone) -> None:
     assert torch.allclose(cpu_feats["views"].float(), gpu_feats["views"].float(), atol=2e-3)
 
 
-def test_fp16_is_recorded_as_fp32_on_the_cpu(tmp_path, tiny_clip) -> None:
-    from ratta.backbones import BackboneSpec
+def test_tf32_is_part_of_the_identity_on_cuda_only(tiny_clip, tmp_path, cuda_backbone) -> None:
+    from ratta.backbones import BackboneSpec, backbone_fingerprint
 
     spec = BackboneSpec(
         model=None,
         pretrained=str(tiny_clip["checkpoint"]),
         model_config=str(tiny_clip["config"]),
-        precision="fp16",
     )
-    backbone = load_backbone(spec, "cpu")
-    assert backbone.precision == "fp32"
+    assert backbone_fingerprint(spec, "cuda", tf32=True)["tf32"] is True
+    assert "tf32" not in backbone_fingerprint(spec, "cuda")
+    assert "tf32" not in backbone_fingerprint(spec, "cpu", tf32=True)  # no TF32 on a CPU
     paths = write_images(tmp_path / "img", 2)
-    summary = extract_features(
-        paths, None, backbone, tmp_path / "f.safetensors", ExtractSettings(views=1), workers=0
-    )
-    assert summary["compute"]["precision"] == "fp32" and summary["compute"]["device"] == "cpu"
+    with SimulatedCuda():
+        backbone = cuda_backbone()
+        extract_features(paths, None, backbone, tmp_path / "f.safetensors", tf32=True, workers=0)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
+        identity = json.loads(f.metadata()["ratta_features"])
+    assert identity["backbone"] == backbone_fingerprint(spec, "cuda", tf32=True) | {
+        "preprocessing": identity["backbone"]["preprocessing"]
+    }
 
 
 def test_the_ray_extraction_job_on_a_gpu(tmp_path, tiny_backbone) -> None:

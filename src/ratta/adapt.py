@@ -516,6 +516,9 @@ def _adapt_on_ray(
         "search": job.search,
         "views": inp.views,
         "batch_size": batch_size,
+        # GPU and CPU kernels, TF32 or not, round differently: no mixed resumes
+        "device": backend.device,
+        "tf32": job.tf32 and backend.device == "cuda",
     }
     store = ShardStore(Path(f"{out_path}.parts"), identity, "adaptation", prefix="batch")
     todo = store.todo(len(spans))

@@ -127,14 +127,19 @@ def embed_dim(spec: BackboneSpec) -> int | None:
     return int(cfg["embed_dim"]) if cfg and "embed_dim" in cfg else None
 
 
-def backbone_fingerprint(spec: BackboneSpec, device: str | torch.device = "cpu") -> dict[str, Any]:
+def backbone_fingerprint(
+    spec: BackboneSpec, device: str | torch.device = "cpu", tf32: bool = False
+) -> dict[str, Any]:
     """What identifies the embeddings a backbone computes: architecture (and config
     content), tag or file hash, the precision that actually runs (autocast applies on CUDA
-    only) and the kind of device (CPU and GPU kernels round differently)."""
+    only), the kind of device (CPU and GPU kernels round differently) and, on CUDA, TF32
+    when it is allowed (``--tf32``: products rounded to 10 mantissa bits)."""
     kind = torch.device(device).type
     precision = spec.precision if kind == "cuda" else "fp32"
     fp: dict[str, Any] = {"model": resolve_model_name(spec), "precision": precision}
     fp["device"] = kind
+    if tf32 and kind == "cuda":
+        fp["tf32"] = True
     if spec.model_config:
         fp["model_config_sha256"] = cached_file_hash(spec.model_config)
     if spec.pretrained and Path(spec.pretrained).is_file():
@@ -159,6 +164,12 @@ class Backbone:
     def precision(self) -> str:
         """The precision the encoding device runs: fp16/bf16 autocast on CUDA only."""
         return str(self.fingerprint["precision"])
+
+    def identity(self, tf32: bool = False) -> dict[str, Any]:
+        """The fingerprint of what this backbone computes, with ``tf32`` when TF32 is
+        allowed on CUDA (as :func:`backbone_fingerprint`)."""
+        on_cuda = self.fingerprint["device"] == "cuda"
+        return {**self.fingerprint, **({"tf32": True} if tf32 and on_cuda else {})}
 
     @property
     def logit_scale(self) -> float:

@@ -233,7 +233,7 @@ def evaluate(
     out = Path(out_dir)
     say = log or (lambda _msg: None)
     started = time.perf_counter()
-    bb_fp = backbone_fingerprint(spec, device)
+    bb_fp = backbone_fingerprint(spec, device, tf32)
     loaded = Loaded()
     failures: list[dict[str, Any]] = []
 
@@ -259,6 +259,7 @@ def evaluate(
                     config=settings.config(dataset),
                     device=device,
                     on_ray=backend is not None,
+                    tf32=tf32,
                 )
             except RattaInputError as exc:
                 failed(dataset, seed, exc)
@@ -625,6 +626,7 @@ def sweep(
             config=base if param == "views" else replace(base, **{param: value}),
             device=device,
             on_ray=backend is not None,
+            tf32=tf32,
         )
         for value in checked
     ]

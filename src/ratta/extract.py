@@ -346,9 +346,11 @@ def extract_features(
         check_memory(settings, backbone, batch_size, forward_batch, workers, chunk_size)
     out_path = Path(out)
     n = len(paths)
+    where = backbone.device if backend is None else torch.device(backend.device)
+    compute = compute_info(where, backbone.precision, tf32)
     identity = {
         "ratta_version": __version__,
-        "backbone": backbone.fingerprint,
+        "backbone": backbone.identity(tf32),
         "views": settings.views,
         "seed": settings.seed,
         "dtype": settings.dtype,
@@ -374,8 +376,6 @@ def extract_features(
         _write_chunk(store.path(k), encoded, labels)
         encode_s += encoded.encode_s
 
-    where = backbone.device if backend is None else torch.device(backend.device)
-    compute = compute_info(where, backbone.precision, tf32)
     if backend is None:
         report = ShardReport("local", num_chunks, skipped=num_chunks - len(todo), unit="image")
         with numerics(tf32):

@@ -115,8 +115,8 @@ class ExactRetriever:
             raise ValueError("ExactRetriever needs a non-empty [N, d] tensor")
         self.embeddings = embeddings
         wide = torch.promote_types(embeddings.dtype, torch.float32)
-        if sq_norms is None:
-            sq_norms = (embeddings.to(wide) * embeddings.to(wide)).sum(1)
+        if sq_norms is None:  # block by block: no widened copy of the whole database
+            sq_norms = torch.cat([(b.to(wide) ** 2).sum(1) for b in embeddings.split(1 << 16)])
         self.sq_norms = sq_norms.to(wide)
         self.divisor = divisor
 

@@ -173,11 +173,13 @@ def plan_run(
     config: RATTAConfig | None,
     device: str,
     on_ray: bool = False,
+    tf32: bool = False,
 ) -> Plan:
     """Check every input that can be checked without the model, and name the caches.
 
     ``device`` is where images are encoded; text is encoded there too, except ``on_ray``,
-    where the driver encodes it on its CPU.
+    where the driver encodes it on its CPU. ``tf32``: TF32 allowed on CUDA (``--tf32``), part
+    of the backbone's identity there.
     """
     from ratta.datasets import load_split
     from ratta.db import inspect_database
@@ -199,7 +201,7 @@ def plan_run(
         )
     features = {
         "format": FEATURES_FORMAT,
-        "backbone": backbone_fingerprint(spec, device),
+        "backbone": backbone_fingerprint(spec, device, tf32),
         "views": settings.views,
         "seed": settings.seed,
         "dtype": settings.dtype,
@@ -208,7 +210,7 @@ def plan_run(
     }
     text = {
         "format": TEXT_FORMAT,
-        "backbone": backbone_fingerprint(spec, "cpu" if on_ray else device),
+        "backbone": backbone_fingerprint(spec, "cpu" if on_ray else device, tf32),
         "classes": split.class_names,
         "templates": list(pre.templates),
         "pre": pre.pre,
@@ -352,6 +354,7 @@ def run(
             config=config,
             device=device,
             on_ray=backend is not None,
+            tf32=tf32,
         )
     out = Path(out_dir)
     root = Path(cache) if cache else cache_dir()

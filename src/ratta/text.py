@@ -245,7 +245,7 @@ def build_text_features(
         baselines = baseline_classifiers(class_names, templates, backbone, bar.update)
     desc_hash = hashlib.sha256(Path(descriptions_file).read_bytes()).hexdigest()
     info = {
-        "backbone": backbone.fingerprint,
+        "backbone": backbone.identity(tf32),
         "descriptions": str(descriptions_file),
         "descriptions_sha256": desc_hash,
         "templates": list(templates),
