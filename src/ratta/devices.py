@@ -27,7 +27,7 @@ class DeviceFallbackWarning(UserWarning):
     """Work asked for on a device runs elsewhere (e.g. FAISS without GPU support)."""
 
 
-def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
     """``name`` as a torch device this machine has, else one ``RattaInputError`` line.
 
     Accepts ``cpu``, ``cuda`` and ``cuda:N``; ``cuda:N`` must be one of the visible devices.
@@ -36,18 +36,19 @@ def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.de
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise RattaInputError(
-            f"{flag}: unknown device '{name}' (use cpu, cuda or cuda:N)"
+            f"--device: unknown device '{name}' (use cpu, cuda or cuda:N)"
         ) from None
     if device.type not in ("cpu", "cuda"):
-        raise RattaInputError(f"{flag} {name}: only cpu and cuda are supported")
+        raise RattaInputError(f"--device {name}: only cpu and cuda are supported")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RattaInputError(f"{flag} {name}: CUDA is not available on this machine")
+            raise RattaInputError(f"--device {name}: CUDA is not available on this machine")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             have = ", ".join(f"cuda:{i}" for i in range(count))
             raise RattaInputError(
-                f"{flag} {name}: this machine has {count} CUDA device{'s' * (count != 1)} ({have})"
+                f"--device {name}: this machine has {count} CUDA device{'s' * (count != 1)} "
+                f"({have})"
             )
     return device
 
