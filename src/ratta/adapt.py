@@ -290,9 +290,7 @@ class RangeAdapter:
         before = dict(self.inputs.reader.renormalised)
         with numerics(self.tf32), torch.inference_mode():
             host_x = _read(self.inputs, span, self.dev)
-            outputs = _adapt_batch(
-                host_x, self.loaded, self.config, DTYPES[self.dtype], self.timer
-            )
+            outputs = _adapt_batch(host_x, self.loaded, self.config, DTYPES[self.dtype], self.timer)
         renormalised = {k: v - before[k] for k, v in self.inputs.reader.renormalised.items()}
         timings = dict(self.timer.seconds)
         self.timer.seconds.clear()
