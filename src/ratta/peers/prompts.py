@@ -1,0 +1,128 @@
+"""The text prompts of each peer's paper classifier, per dataset, as data with their source.
+
+A classifier row is, as in every official code, normalise(mean_t normalise(g(t))) over the
+class's prompts t (``ratta.text`` encodes them). ZERO and MTA use CLIP's single template;
+TDA and BoostAdapter a per-dataset template list (``datasets/<name>.py`` of kdiAAA/TDA
+@e697fb0; BoostAdapter's copies are identical); DMN-ZS its "tip" templates plus every CuPL
+sentence of the class (``data/imagnet_prompts.py`` and ``clip/fix_clip.py`` of YBZh/DMN
+@c6c218c, with the davinci-era CuPL files of ``data/gpt3_prompts/``). Datasets without
+published prompts (Caltech256, CUB200, RESISC45) get ImageNet's, as their other settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from ratta.errors import RattaInputError
+from ratta.peers.defaults import CACHE_SETTINGS, FALLBACK
+from ratta.presets import CLIP_SEVEN_TEMPLATES, IMAGENET_TEMPLATES, get_preset
+from ratta.text import match_descriptions
+
+# ZERO: "{ctx_init} {name}." with ctx_init a_photo_of_a; MTA: CoOp's prompt from the same init.
+SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)
+
+
+def _type_of(noun: str, article: str = "a ") -> tuple[str, ...]:
+    return (f"a photo of {article}{{}}, a type of {noun}.",)
+
+
+TDA_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "caltech101": CLIP_SEVEN_TEMPLATES,
+    "dtd": ("{} texture.",),
+    "fgvc_aircraft": _type_of("aircraft"),
+    "food101": _type_of("food", article=""),
+    "flowers102": _type_of("flower"),
+    "oxford_pets": _type_of("pet"),
+    "stanford_cars": CLIP_SEVEN_TEMPLATES,
+    "sun397": CLIP_SEVEN_TEMPLATES,
+    "ucf101": ("a photo of a person doing {}.",),
+    "imagenet": CLIP_SEVEN_TEMPLATES,
+    "imagenet_adversarial": CLIP_SEVEN_TEMPLATES,
+    "imagenet_v2": CLIP_SEVEN_TEMPLATES,
+    "imagenet_rendition": IMAGENET_TEMPLATES,
+    "imagenet_sketch": IMAGENET_TEMPLATES,
+}
+
+# DMN's ID_to_prompts; its ImageNet family (one-letter set ids) uses the tip templates.
+DMN_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "caltech101": CLIP_SEVEN_TEMPLATES,
+    "dtd": ("{} texture.",),
+    "fgvc_aircraft": _type_of("aircraft"),
+    "food101": _type_of("food", article=""),
+    "flowers102": _type_of("flower"),
+    "oxford_pets": _type_of("pet"),
+    "stanford_cars": _type_of("car"),
+    "sun397": CLIP_SEVEN_TEMPLATES,
+    "ucf101": ("a photo of a person doing {}.",),
+    **{
+        name: CLIP_SEVEN_TEMPLATES
+        for name in (
+            "imagenet",
+            "imagenet_adversarial",
+            "imagenet_v2",
+            "imagenet_rendition",
+            "imagenet_sketch",
+        )
+    },
+}
+
+# The CuPL file DMN reads per dataset (ID_to_gptprompts_path; the ImageNet family's).
+DMN_CUPL_FILES: dict[str, str] = {
+    "caltech101": "CuPL_prompts_caltech101.json",
+    "dtd": "CuPL_prompts_dtd.json",
+    "fgvc_aircraft": "CuPL_prompts_fgvcaircraft.json",
+    "food101": "CuPL_prompts_food101.json",
+    "flowers102": "CuPL_prompts_flowers102.json",
+    "oxford_pets": "CuPL_prompts_oxfordpets.json",
+    "stanford_cars": "CuPL_prompts_stanfordcars.json",
+    "sun397": "CuPL_prompts_sun397.json",
+    "ucf101": "CuPL_prompts_ucf101.json",
+    **{
+        name: "CuPL_prompts_imagenet.json"
+        for name in (
+            "imagenet",
+            "imagenet_adversarial",
+            "imagenet_v2",
+            "imagenet_rendition",
+            "imagenet_sketch",
+        )
+    },
+}
+
+METHODS = ("zero", "mta", "tda", "boost", "dmn")
+
+
+def peer_prompts(
+    method: str,
+    dataset: str,
+    class_names: Sequence[str],
+    cupl: Mapping[str, list[str]] | None = None,
+) -> list[list[str]]:
+    """Per class (in label order), the prompts of ``method``'s paper classifier on ``dataset``.
+
+    Class names have "_" replaced by spaces, as the official codes do. DMN-ZS appends the
+    class's CuPL sentences from ``cupl`` (class name -> sentences; matched exactly or
+    ignoring case and "_"); a class without sentences is an error.
+    """
+    get_preset(dataset)
+    if method not in METHODS:
+        raise RattaInputError(f"unknown peer '{method}' (known: {', '.join(METHODS)})")
+    key = dataset if dataset in CACHE_SETTINGS else FALLBACK
+    templates = {
+        "zero": SINGLE_TEMPLATE,
+        "mta": SINGLE_TEMPLATE,
+        "tda": TDA_TEMPLATES[key],
+        "boost": TDA_TEMPLATES[key],
+        "dmn": DMN_TEMPLATES[key],
+    }[method]
+    names = [name.replace("_", " ") for name in class_names]
+    prompts = [[t.format(name) for t in templates] for name in names]
+    if method == "dmn":
+        if cupl is None:
+            raise RattaInputError(
+                f"DMN-ZS's classifier needs CuPL sentences ({DMN_CUPL_FILES[key]} in its paper)"
+            )
+        found, _ = match_descriptions(names, dict(cupl), f"CuPL sentences for {dataset}")
+        for rows, sentences in zip(prompts, found, strict=True):
+            rows.extend(sentences or ())
+    return prompts
