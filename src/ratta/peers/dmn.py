@@ -88,8 +88,11 @@ def dmn_inputs(
 class DMNState:
     """DMN-ZS's memory along one stream; ``step`` takes the next images in stream order.
 
-    Slot 0 of class c holds its text feature t_c, slots 1..memory the written features;
-    ``gram`` [C, memory + 1, memory + 1] holds the keys' inner products per class.
+    Keys live in rows: 0..C-1 the text features t_c, then each memory slot's row from its
+    first write on (kept when it is rewritten), so rows 0..rows-1 are exactly the keys;
+    the last row stays zero. Per class, slot 0 is t_c and slots 1..memory the written
+    features: ``slot_row`` [C, memory + 1] maps slots to rows (empty slots to the zero row)
+    and ``gram`` [C, memory + 1, memory + 1] holds the inner products of a class's slots.
     """
 
     def __init__(self, classifier: Tensor, scale: float, config: DMNConfig = DMNConfig()):
@@ -97,27 +100,34 @@ class DMNState:
         self.scale = scale
         self.config = config
         c, d = classifier.shape
-        self.keys = classifier.new_zeros(c, config.memory + 1, d)
-        self.keys[:, 0] = F.normalize(classifier, dim=-1)
-        self.gram = classifier.new_zeros(c, config.memory + 1, config.memory + 1)
-        self.gram[:, 0, 0] = (self.keys[:, 0] ** 2).sum(-1)
+        slots = config.memory + 1
+        self.zero_row = c * slots
+        self.keys = classifier.new_zeros(self.zero_row + 1, d)
+        self.keys[:c] = F.normalize(classifier, dim=-1)
+        self.row_class = torch.arange(self.zero_row + 1, device=classifier.device) % c
+        self.slot_row = torch.full((c, slots), self.zero_row, device=classifier.device)
+        self.slot_row[:, 0] = torch.arange(c, device=classifier.device)
+        self.gram = classifier.new_zeros(c, slots, slots)
+        self.gram[:, 0, 0] = (self.keys[:c] ** 2).sum(-1)
         self.ents: list[list[float]] = [[] for _ in range(c)]
+        self.rows_of: list[list[int]] = [[] for _ in range(c)]
+        self.rows = c
         self.images = 0
-        self.entries = 0  # keys scored, summed over images (the floor's GEMM sizes)
-        self.stored = 0
+        self.scored = 0  # keys each image was scored against, summed over images (GEMM sizes)
 
-    def _write(self, c: int, h: float) -> int | None:
-        """The slot z_0 of class c and entropy h goes to, or None."""
+    def _write(self, c: int, h: float) -> tuple[int, int] | None:
+        """The (slot, row) z_0 of class c and entropy h goes to, or None."""
         ents = self.ents[c]
         if len(ents) < self.config.memory:
             ents.append(h)
-            self.stored += 1
-            return len(ents)
+            self.rows_of[c].append(self.rows)
+            self.rows += 1
+            return len(ents), self.rows - 1
         worst = max(ents)
         if h < worst:
             i = len(ents) - 1 - ents[::-1].index(worst)  # the last slot of the largest entropy
             ents[i] = h
-            return i + 1
+            return i + 1, self.rows_of[c][i]
         return None
 
     def step(self, chunk: DMNInputs) -> PeerOutput:
@@ -128,83 +138,115 @@ class DMNState:
         norm = torch.linalg.vector_norm(chunk.query, dim=-1)
         q = chunk.query / norm.unsqueeze(1)
         p0 = torch.softmax(self.scale * (chunk.query @ self.classifier.T), dim=-1)
+        rows = self.rows
         counts = [len(e) for e in self.ents]
-        m = 1 + max(counts)
-        writes: list[tuple[int, int, int]] = []  # (step, class, slot)
+        writes: list[tuple[int, int, int, int]] = []  # (step, class, slot, row)
         for t, (c, h) in enumerate(zip(chunk.label.tolist(), chunk.entropy.tolist(), strict=True)):
-            slot = self._write(c, h)
-            if slot is not None:
-                writes.append((t, c, slot))
-            self.entries += self.stored + len(self.ents)
+            written = self._write(c, h)
+            if written is not None:
+                writes.append((t, c, *written))
+            self.scored += self.rows
         self.images += b
 
-        # entries present at the block start: slots < m, dead from their first overwrite
-        death = torch.full((len(counts), m), b, device=dev)
-        filled = torch.arange(m, device=dev) <= torch.tensor(counts, device=dev).unsqueeze(1)
-        first: dict[tuple[int, int], int] = {}
-        for t, c, slot in writes:
-            first.setdefault((c, slot), t)
-        old = [(c, s, t) for (c, s), t in first.items() if s < m and filled[c, s]]
-        if old:
-            c_, s_, t_ = torch.tensor(old, device=dev).unbind(1)
-            death[c_, s_] = t_
-        keys, gram = self.keys[:, :m], self.gram[:, :m, :m]
-        a = torch.bmm(keys, q.T.unsqueeze(0).expand(keys.shape[0], -1, -1))  # [C, m, b]
-        steps = torch.arange(b, device=dev)
-        w = _weight(a, cfg.beta, filled.unsqueeze(2) & (steps < death.unsqueeze(2)))
-        num = (w * a).sum(1)  # [C, b]
-        quad = (torch.bmm(gram, w) * w).sum(1)
+        # the keys present at the block start (rows < rows), dead from their first overwrite
+        a = q.new_empty(rows + 1, b)  # q^T k for every key k present, then w q^T k
+        torch.mm(self.keys[:rows], q.T, out=a[:rows])
+        a[rows] = 0
+        w = _weight(a, cfg.beta)
+        w[rows] = 0  # the padding row of empty and new slots
+        first: dict[int, int] = {}
+        for t, _, _, row in writes:
+            if row < rows:
+                first.setdefault(row, t)
+        if first:
+            dying = torch.tensor(list(first), device=dev)
+            death = torch.tensor(list(first.values()), device=dev)
+            w[dying] *= torch.arange(b, device=dev) < death.unsqueeze(1)
+        num = torch.zeros_like(p0.T).index_add_(0, self.row_class[: rows + 1], a.mul_(w))
+        quad = self._quad(w, counts, rows)
         if writes:
-            self._add_new(writes, q, w, num, quad)
+            self._add_new(writes, q, w, counts, rows, num, quad)
         score = num / quad.sqrt() * norm  # the official scores the un-renormalised z_0
         p_mem = torch.softmax(self.scale * score.T, dim=-1)
         self._commit(writes, q)
         out = p0 + cfg.gamma * p_mem
         return PeerOutput(scores=out, probs=out / (1 + cfg.gamma))
 
+    def _slots(self, classes: Tensor | list[int], m: int, rows: int) -> Tensor:
+        """Rows [n, m] of the first m slots of ``classes``; slots without a key at the block
+        start (empty, or first written in it) point to row ``rows``, whose weight is 0."""
+        return self.slot_row[classes, :m].clamp(max=rows)
+
+    def _quad(self, w: Tensor, counts: list[int], rows: int) -> Tensor:
+        """w_c^T G_c w_c [C, b] over the keys present at the block start.
+
+        Classes go by decreasing memory size in chunks of 64, each padded to its largest
+        class only, so the work follows the sum of the squared sizes.
+        """
+        quad = w.new_empty(len(counts), w.shape[1])
+        by_size = sorted(range(len(counts)), key=counts.__getitem__, reverse=True)
+        for start in range(0, len(by_size), 64):
+            classes = by_size[start : start + 64]
+            m = 1 + counts[classes[0]]
+            w_slots = w[self._slots(classes, m, rows).flatten()].view(len(classes), m, -1)
+            gram = self.gram[classes, :m, :m]
+            quad[classes] = (torch.bmm(gram, w_slots) * w_slots).sum(1)
+        return quad
+
     def _add_new(
-        self, writes: list[tuple[int, int, int]], q: Tensor, w_old: Tensor, num: Tensor,
+        self,
+        writes: list[tuple[int, int, int, int]],
+        q: Tensor,
+        w_old: Tensor,
+        counts: list[int],
+        rows: int,
+        num: Tensor,
         quad: Tensor,
     ) -> None:
         """Add the entries written inside the block (alive from their step to their overwrite)."""
         b = q.shape[0]
         dev = q.device
-        t_w, c_w, _ = torch.tensor(writes, device=dev).unbind(1)
+        t_w, c_w, _, _ = torch.tensor(writes, device=dev).unbind(1)
         death = [b] * len(writes)
-        last: dict[tuple[int, int], int] = {}
-        for j, (t, c, slot) in enumerate(writes):
-            if (c, slot) in last:
-                death[last[(c, slot)]] = t
-            last[(c, slot)] = j
+        last: dict[int, int] = {}
+        for j, (t, _, _, row) in enumerate(writes):
+            if row in last:
+                death[last[row]] = t
+            last[row] = j
         steps = torch.arange(b, device=dev)
         alive = (t_w.unsqueeze(1) <= steps) & (steps < torch.tensor(death, device=dev).unsqueeze(1))
-        k_new = q[t_w]  # [n_w, d]
-        a = k_new @ q.T  # [n_w, b]
-        w = _weight(a, self.config.beta, alive)
+        k_new = q[t_w]  # [n, d]
+        a = k_new @ q.T  # [n, b]
+        w = _weight(a, self.config.beta).mul_(alive)
         num.index_add_(0, c_w, w * a)
-        m = w_old.shape[1]
-        g_cross = torch.bmm(self.keys[c_w, :m], k_new.unsqueeze(2))  # [n_w, m, 1]
-        cross = (g_cross * w_old[c_w]).sum(1)  # [n_w, b]
+        written = [c for _, c, _, _ in writes]
+        slots = self._slots(written, 1 + max(counts[c] for c in written), rows)  # [n, m]
+        g_cross = torch.bmm(self.keys[slots], k_new.unsqueeze(2))  # [n, m, 1]
+        cross = (g_cross * w_old[slots]).sum(1)  # [n, b]
         same = c_w.unsqueeze(1) == c_w.unsqueeze(0)
         g_new = (k_new @ k_new.T) * same
         quad.index_add_(0, c_w, w * (2 * cross + g_new @ w))
 
-    def _commit(self, writes: list[tuple[int, int, int]], q: Tensor) -> None:
-        """Store the final occupant of every written slot and refresh its Gram row/column."""
+    def _commit(self, writes: list[tuple[int, int, int, int]], q: Tensor) -> None:
+        """Store the final occupant of every written row and refresh its Gram row/column."""
         if not writes:
             return
-        final = {(c, slot): t for t, c, slot in writes}
-        rows_ = [(c, s, t) for (c, s), t in final.items()]
-        c_, s_, t_ = torch.tensor(rows_, device=q.device).unbind(1)
-        self.keys[c_, s_] = q[t_]
-        rows = torch.bmm(self.keys[c_], self.keys[c_, s_].unsqueeze(2))[..., 0]  # [n, slots]
-        self.gram[c_, s_] = rows
-        self.gram[c_, :, s_] = rows
+        final = {row: (t, c, slot) for t, c, slot, row in writes}
+        row_, t_, c_, s_ = torch.tensor(
+            [(row, *tcs) for row, tcs in final.items()], device=q.device
+        ).unbind(1)
+        self.keys[row_] = q[t_]
+        self.row_class[row_] = c_
+        self.slot_row[c_, s_] = row_
+        slot_keys = self.keys[self.slot_row[c_]]  # [n, slots, d]
+        inner = torch.bmm(slot_keys, self.keys[row_].unsqueeze(2))[..., 0]  # [n, slots]
+        self.gram[c_, s_] = inner
+        self.gram[c_, :, s_] = inner
 
 
-def _weight(a: Tensor, beta: float, alive: Tensor) -> Tensor:
-    """w = exp(-beta (1 - a)) where the key is alive, else 0."""
-    return (a - 1).mul_(beta).exp_().mul_(alive)
+def _weight(a: Tensor, beta: float) -> Tensor:
+    """w = exp(-beta (1 - a))."""
+    return (a - 1).mul_(beta).exp_()
 
 
 def dmn(

@@ -185,9 +185,10 @@ def boost_views(
 class _Cache:
     """A cache of at most ``capacity`` entries per class: Python lists decide, tensors store.
 
-    ``lists[c]`` holds (H, slot) in the official list order: ascending H (stable sort) or,
-    for a FIFO cache, arrival order. Entry (c, slot) lives at row c * capacity + slot of
-    ``keys`` [C * capacity, d] (and ``values`` [C * capacity, C] for a negative cache).
+    ``lists[c]`` holds (H, row) in the official list order: ascending H (stable sort) or, for
+    a FIFO cache, arrival order. A class's entry gets the next free row when its class has
+    room and keeps it when replaced, so rows 0..size-1 are exactly the entries: ``keys``
+    [C * capacity, d], ``classes`` and, for a negative cache, ``values`` [C * capacity, C].
     """
 
     def __init__(
@@ -198,29 +199,29 @@ class _Cache:
         self.lists: list[list[tuple[float, int]]] = [[] for _ in range(num_classes)]
         rows = num_classes * capacity
         self.keys = like.new_zeros(rows, like.shape[1])
-        self.filled = torch.zeros(rows, dtype=torch.bool, device=like.device)
+        self.classes = torch.zeros(rows, dtype=torch.int64, device=like.device)
         self.values = like.new_zeros(rows, num_classes) if values else None
         self.size = 0
 
     def insert(self, c: int, h: float) -> tuple[int, bool] | None:
-        """Offer an entry of class c and entropy h: (slot written, an entry was evicted)."""
+        """Offer an entry of class c and entropy h: (row written, an entry was evicted)."""
         entries = self.lists[c]
         if len(entries) < self.capacity:
-            slot = len(entries)
-            entries.append((h, slot))
+            row = self.size
+            self.size += 1
+            entries.append((h, row))
             if not self.fifo:
                 entries.sort(key=_first)
-            self.size += 1
-            return slot, False
+            return row, False
         if self.fifo:
-            slot = entries.pop(0)[1]
-            entries.append((h, slot))
-            return slot, True
+            row = entries.pop(0)[1]
+            entries.append((h, row))
+            return row, True
         if h < entries[-1][0]:
-            slot = entries[-1][1]
-            entries[-1] = (h, slot)
+            row = entries[-1][1]
+            entries[-1] = (h, row)
             entries.sort(key=_first)
-            return slot, True
+            return row, True
         return None
 
 
@@ -231,62 +232,63 @@ def _first(item: tuple[float, object]) -> float:
 class _Block:
     """The writes into one cache during a block of b stream images, and their lifetimes.
 
-    Entries present at the block's start ("old", one per row of the cache) die at their
-    first overwrite; each image t of the block can be a "new" entry, alive from t until
-    its slot is written again.
+    The entries present at the block's start ("old": rows 0..rows-1) die at their first
+    overwrite; each image t of the block can be a "new" entry, alive from t until its row
+    is written again.
     """
 
     def __init__(self, cache: _Cache, b: int) -> None:
         self.cache = cache
         self.b = b
+        self.rows = cache.size
         self.old_death: dict[int, int] = {}
-        self.occupant: dict[int, int] = {}  # row -> block position of its new entry
-        self.birth = [b] * b
-        self.death = [b] * b
+        self.occupant: dict[int, int] = {}  # row -> column of its new entry
+        self.new: list[int] = []  # block position of each new entry (its column)
+        self.death: list[int] = []
 
     def insert(self, t: int, c: int, h: float) -> None:
         written = self.cache.insert(c, h)
         if written is None:
             return
-        row = c * self.cache.capacity + written[0]
+        row, evicted = written
         before = self.occupant.get(row)
         if before is not None:
             self.death[before] = t
-        elif written[1]:
+        elif evicted:
             self.old_death[row] = t
-        self.occupant[row] = t
-        self.birth[t] = t
+        self.occupant[row] = len(self.new)
+        self.new.append(t)
+        self.death.append(self.b)
 
-    def column(self, c: int, slot: int) -> tuple[bool, int]:
-        """Where the entry now in (c, slot) is scored: (new?, block position or row)."""
-        row = c * self.cache.capacity + slot
-        t = self.occupant.get(row)
-        return (True, t) if t is not None else (False, row)
+    def column(self, row: int) -> tuple[bool, int]:
+        """Where the entry now in ``row`` is scored: (new?, its column among new or old)."""
+        col = self.occupant.get(row)
+        return (True, col) if col is not None else (False, row)
 
-    def alive(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Masks [b, rows] of old entries and [b, b] of new entries alive at each step."""
+    def alive(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Masks [b, rows] of old and [b, n] of new entries alive at each step; the block
+        positions [n] of the new entries."""
         dev = like.device
         steps = torch.arange(self.b, device=dev).unsqueeze(1)
-        death = torch.full((self.cache.filled.shape[0],), self.b, device=dev)
+        death = torch.full((self.rows,), self.b, device=dev)
         if self.old_death:
             rows = torch.tensor(list(self.old_death), device=dev)
             death[rows] = torch.tensor(list(self.old_death.values()), device=dev)
-        old = self.cache.filled & (steps < death)
-        birth = torch.tensor(self.birth, device=dev)
-        new = (birth <= steps) & (steps < torch.tensor(self.death, device=dev))
-        return old, new
+        src = torch.tensor(self.new, dtype=torch.int64, device=dev)
+        new = (src <= steps) & (steps < torch.tensor(self.death, dtype=torch.int64, device=dev))
+        return steps < death, new, src
 
-    def commit(self, query: Tensor, values: Tensor | None) -> None:
+    def commit(self, chunk: TDAInputs) -> None:
         """Store the final occupant of every row written in the block."""
         if not self.occupant:
             return
-        dev = query.device
+        dev = chunk.query.device
         rows = torch.tensor(list(self.occupant), device=dev)
-        src = torch.tensor(list(self.occupant.values()), device=dev)
-        self.cache.keys[rows] = query[src]
-        self.cache.filled[rows] = True
-        if self.cache.values is not None and values is not None:
-            self.cache.values[rows] = values[src].to(self.cache.values.dtype)
+        src = torch.tensor([self.new[col] for col in self.occupant.values()], device=dev)
+        self.cache.keys[rows] = chunk.query[src]
+        self.cache.classes[rows] = chunk.label[src]
+        if self.cache.values is not None:
+            self.cache.values[rows] = chunk.neg_mask[src].to(self.cache.values.dtype)
 
 
 def _affinity(query: Tensor, keys: Tensor, beta: float, alive: Tensor) -> Tensor:
@@ -311,7 +313,8 @@ class TDAState:
             else None
         )
         self.images = 0
-        self.entries = 0  # cache entries scored, summed over images (the floor's GEMM sizes)
+        # cache entries each image was scored against, summed over images (GEMM sizes)
+        self.scored = {"positive": 0, "negative": 0}
 
     def step(self, chunk: TDAInputs) -> PeerOutput:
         """Adapt to and score the next images of the stream, in order ([b] of each field)."""
@@ -334,28 +337,31 @@ class TDAState:
                 neg.insert(t, c, h)
             if boosted is not None:
                 boosted.boost(t, pos)
-            self.entries += self.pos.size + (self.neg.size if self.neg is not None else 0)
+            self.scored["positive"] += self.pos.size
+            self.scored["negative"] += self.neg.size if self.neg is not None else 0
         self.images += b
 
         q = chunk.query
         logits = self.scale * (q @ self.classifier.T)
-        old, new = pos.alive(q)
+        old, new, src = pos.alive(q)
         if boosted is not None:
             boosted.drop(old, new)
-        phi_old = _affinity(q, self.pos.keys, cfg.beta, old)
-        phi_new = _affinity(q, q, cfg.beta, new)
-        positive = phi_old.view(b, self.num_classes, -1).sum(-1)
-        positive.index_add_(1, chunk.label, phi_new)
+        keys = self.pos.keys[: pos.rows]
+        positive = torch.zeros_like(logits)
+        positive.index_add_(1, self.pos.classes[: pos.rows], _affinity(q, keys, cfg.beta, old))
+        positive.index_add_(1, chunk.label[src], _affinity(q, q[src], cfg.beta, new))
         if boosted is not None:
             boosted.add(positive, q, cfg.beta)
         logits.add_(positive, alpha=cfg.alpha)
         if neg is not None and self.neg is not None and self.neg.values is not None:
-            old_n, new_n = neg.alive(q)
-            negative = _affinity(q, self.neg.keys, cfg.beta_neg, old_n) @ self.neg.values
-            negative.addmm_(_affinity(q, q, cfg.beta_neg, new_n), chunk.neg_mask.to(q.dtype))
+            old, new, src = neg.alive(q)
+            phi = _affinity(q, self.neg.keys[: neg.rows], cfg.beta_neg, old)
+            negative = phi @ self.neg.values[: neg.rows]
+            phi = _affinity(q, q[src], cfg.beta_neg, new)
+            negative.addmm_(phi, chunk.neg_mask[src].to(q.dtype))
             logits.sub_(negative, alpha=cfg.alpha_neg)
-            neg.commit(q, chunk.neg_mask)
-        pos.commit(q, None)
+            neg.commit(chunk)
+        pos.commit(chunk)
         return logits
 
 
@@ -379,14 +385,14 @@ class _Boost:
         for i, (c, h) in enumerate(zip(self.labels[t], self.ents[t], strict=True)):
             entries = copies.get(c)
             if entries is None:
-                entries = copies[c] = [(e, pos.column(c, s)) for e, s in pos.cache.lists[c]]
+                entries = copies[c] = [(e, pos.column(row)) for e, row in pos.cache.lists[c]]
             entries.append((h, i))
             entries.sort(key=_first)
             del entries[self.capacity :]
         for c, entries in copies.items():
             kept = {ref for _, ref in entries}
-            for _, slot in pos.cache.lists[c]:
-                new, col = pos.column(c, slot)
+            for _, row in pos.cache.lists[c]:
+                new, col = pos.column(row)
                 if (new, col) not in kept:
                     (self.dropped_new if new else self.dropped_old).append((t, col))
             for ref in kept:
@@ -419,7 +425,7 @@ class BoostState(TDAState):
         """Adapt to and score the next images of the stream, in order."""
         boosted = _Boost(views, self.config.capacity + self.delta)
         logits = self._step(chunk, boosted)
-        self.entries += boosted.count
+        self.scored["positive"] += boosted.count
         return PeerOutput(scores=logits, probs=torch.softmax(logits, dim=-1))
 
 
