@@ -25,10 +25,10 @@ from ratta.peers import (
     ZeroConfig,
     boost,
     boost_views,
-    concat,
     correlated_streams,
     dmn,
     dmn_inputs,
+    fill,
     mta,
     peer_defaults,
     peer_prompts,
@@ -117,9 +117,9 @@ def test_episodic_peers_do_not_depend_on_order_or_batching(method) -> None:
     perm = torch.randperm(50, generator=torch.Generator().manual_seed(0))
     whole = method(x, w, SCALE)
     shuffled = method(x[perm], w, SCALE)
-    halves = [method(x[:17], w, SCALE), method(x[17:], w, SCALE)]
+    halves = torch.cat([method(x[:17], w, SCALE).scores, method(x[17:], w, SCALE).scores])
     torch.testing.assert_close(shuffled.scores, whole.scores[perm], atol=1e-12, rtol=0)
-    torch.testing.assert_close(concat(halves).scores, whole.scores, atol=1e-12, rtol=0)
+    torch.testing.assert_close(halves, whole.scores, atol=1e-12, rtol=0)
 
 
 def test_shared_view_logits_give_the_same_outputs() -> None:
@@ -137,9 +137,7 @@ def test_shared_view_logits_give_the_same_outputs() -> None:
 def tda_reference(x, w, order, config: TDAConfig) -> torch.Tensor:
     n = config.inputs if config.query == "views" else 1
     stream = [x[i, :n] for i in order.tolist()]
-    logits = tda_stream(
-        stream, w.T, SCALE, config.alpha, config.beta, neg_enabled=config.negative
-    )
+    logits = tda_stream(stream, w.T, SCALE, config.alpha, config.beta, neg_enabled=config.negative)
     out = torch.empty_like(logits)
     out[order] = logits
     return out
@@ -174,6 +172,17 @@ def test_tda_cases_fill_and_rank_both_caches() -> None:
     band = (inputs.entropy / torch.log2(torch.tensor(10.0))).clamp(0.2, 0.5)
     offered_neg = inputs.label[(band > 0.2) & (band < 0.5)].bincount(minlength=10)
     assert inputs.label.bincount().max() > 3 and offered_neg.max() > 2
+
+
+def test_prepared_inputs_fill_a_store_batch_by_batch() -> None:
+    x, w, _ = case(13, n=40)
+    whole = tda_inputs(x, w, SCALE)
+    store = None
+    for start in range(0, 40, 16):
+        store = fill(store, tda_inputs(x[start : start + 16], w, SCALE), start, 40)
+    assert store is not None
+    for name, field in whole.__dict__.items():
+        assert torch.equal(getattr(store, name), field)
 
 
 def test_tda_without_positive_weight_or_negative_cache_is_zero_shot() -> None:
@@ -413,3 +422,16 @@ def test_zero_keeping_every_input_breaks_ties_by_the_most_confident() -> None:
     x = torch.stack([eye[0], F.normalize(eye[1] + 0.2 * eye[2], dim=0)]).unsqueeze(0)
     out = zero(x, eye, 10.0, ZeroConfig(inputs=2, gamma=1.0, temperature=0.0))
     assert out.scores[0].tolist() == [2.0, 1.0, 0.0]
+
+
+def test_prepared_inputs_own_their_memory_not_the_batch() -> None:
+    x, w, _ = case(12, n=20)
+    prepared = [
+        tda_inputs(x, w, SCALE),
+        tda_inputs(x, w, SCALE, TDAConfig(query="views")),
+        boost_views(x, w, SCALE),
+        dmn_inputs(x, w, SCALE),
+    ]
+    for items in prepared:
+        for field in items.__dict__.values():
+            assert field.untyped_storage().nbytes() == field.numel() * field.element_size()

@@ -29,7 +29,7 @@ Not reproduced: the float16 arithmetic of the official runs (inputs are computed
 own dtype, float32 or float64), except ZERO's vote temperature, which is float16's epsilon.
 """
 
-from ratta.peers.common import PeerOutput, concat, take, view_logits
+from ratta.peers.common import PeerOutput, fill, take, view_logits
 from ratta.peers.defaults import PeerDefaults, Source, peer_defaults
 from ratta.peers.dmn import DMNConfig, DMNInputs, DMNState, dmn, dmn_inputs
 from ratta.peers.mta import MTAConfig, mta
@@ -66,10 +66,10 @@ __all__ = [
     "ZeroConfig",
     "boost",
     "boost_views",
-    "concat",
     "correlated_streams",
     "dmn",
     "dmn_inputs",
+    "fill",
     "mta",
     "peer_defaults",
     "peer_prompts",

@@ -8,7 +8,7 @@ logit scale s; l(z) = s W z; p(z) = softmax(l(z)); H(p) = -sum_c p_c log p_c in 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -89,13 +89,22 @@ def run_stream(
     return PeerOutput(scores=scores, probs=probs)
 
 
-def concat(parts: Sequence[T]) -> T:
-    """Concatenate dataclasses of per-image tensors (batches in file order) along dim 0."""
-    first = parts[0]
-    return dataclasses.replace(  # type: ignore[type-var]
-        first,
-        **{
-            f.name: torch.cat([getattr(p, f.name) for p in parts])
-            for f in dataclasses.fields(first)  # type: ignore[arg-type]
-        },
-    )
+def fill(store: T | None, items: T, start: int, total: int) -> T:
+    """Copy a batch of per-image inputs into rows start.. of a store for ``total`` images.
+
+    The store (the same dataclass, every field [total, ...]) is allocated on the first call
+    (``store`` None) and returned: preparing a dataset batch by batch costs its final size
+    only, with no list of batches to concatenate.
+    """
+    if store is None:
+        store = dataclasses.replace(  # type: ignore[type-var]
+            items,
+            **{
+                f.name: getattr(items, f.name).new_empty(total, *getattr(items, f.name).shape[1:])
+                for f in dataclasses.fields(items)  # type: ignore[arg-type]
+            },
+        )
+    for f in dataclasses.fields(items):  # type: ignore[arg-type]
+        rows = getattr(items, f.name)
+        getattr(store, f.name)[start : start + rows.shape[0]] = rows
+    return store

@@ -74,12 +74,12 @@ def dmn_inputs(
     n = config.inputs
     logit = view_logits(x[:, :n], classifier, scale) if logits is None else logits[:, :n]
     p = torch.softmax(logit, dim=-1)
-    h = -(p * torch.log(p + 1e-6)).sum(-1)
+    h = -p.add(1e-6).log_().mul_(p).sum(-1)  # -sum p log(p + 1e-6)
     k = int(p.shape[1] * config.select)
     idx = torch.argsort(h, dim=1, stable=True)[:, :k]
     mean = gather_inputs(p, idx).mean(1)
     return DMNInputs(
-        query=x[:, 0],
+        query=x[:, 0].clone(),  # not a view: it would keep the whole batch alive
         label=mean.argmax(-1),
         entropy=-(mean * torch.log(mean + 1e-8)).sum(-1),
     )

@@ -89,8 +89,6 @@ DMN_CUPL_FILES: dict[str, str] = {
     },
 }
 
-METHODS = ("zero", "mta", "tda", "boost", "dmn")
-
 
 def peer_prompts(
     method: str,
@@ -105,16 +103,17 @@ def peer_prompts(
     ignoring case and "_"); a class without sentences is an error.
     """
     get_preset(dataset)
-    if method not in METHODS:
-        raise RattaInputError(f"unknown peer '{method}' (known: {', '.join(METHODS)})")
     key = dataset if dataset in CACHE_SETTINGS else FALLBACK
-    templates = {
+    by_method = {
         "zero": SINGLE_TEMPLATE,
         "mta": SINGLE_TEMPLATE,
         "tda": TDA_TEMPLATES[key],
         "boost": TDA_TEMPLATES[key],
         "dmn": DMN_TEMPLATES[key],
-    }[method]
+    }
+    if method not in by_method:
+        raise RattaInputError(f"unknown peer '{method}' (known: {', '.join(by_method)})")
+    templates = by_method[method]
     names = [name.replace("_", " ") for name in class_names]
     prompts = [[t.format(name) for t in templates] for name in names]
     if method == "dmn":

@@ -142,7 +142,7 @@ def tda_inputs(
         log_p = torch.log_softmax(logit, dim=-1)
         prob = log_p.exp()
         return TDAInputs(
-            query=x[:, 0],
+            query=x[:, 0].clone(),  # not a view: it would keep the whole batch alive
             entropy=-(prob * log_p).sum(-1),
             label=logit.argmax(-1),
             neg_mask=(prob > lo) & (prob < hi),
