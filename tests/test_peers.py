@@ -56,6 +56,19 @@ def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).double().mean())
 
 
+def orders(labels: torch.Tensor, seed: int, gamma: float) -> list[torch.Tensor]:
+    """Two shuffled streams and a class-correlated one."""
+    n = labels.shape[0]
+    return [*shuffled_streams(n, 2, seed), *correlated_streams(labels, gamma, 1, seed)]
+
+
+def in_dataset_order(out: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Per-image outputs listed in stream order, put back in dataset order."""
+    full = torch.empty_like(out)
+    full[order] = out
+    return full
+
+
 # --------------------------------------------------------------------------- ZERO
 
 
@@ -138,9 +151,7 @@ def tda_reference(x, w, order, config: TDAConfig) -> torch.Tensor:
     n = config.inputs if config.query == "views" else 1
     stream = [x[i, :n] for i in order.tolist()]
     logits = tda_stream(stream, w.T, SCALE, config.alpha, config.beta, neg_enabled=config.negative)
-    out = torch.empty_like(logits)
-    out[order] = logits
-    return out
+    return in_dataset_order(logits, order)
 
 
 @pytest.mark.parametrize(
@@ -155,7 +166,7 @@ def tda_reference(x, w, order, config: TDAConfig) -> torch.Tensor:
 def test_tda_float64_equals_reference(seed: int, config: TDAConfig, block: int) -> None:
     x, w, labels = case(seed)
     inputs = tda_inputs(x, w, SCALE, config)
-    for order in (*shuffled_streams(len(x), 2, seed), *correlated_streams(labels, 0.1, 1, seed)):
+    for order in orders(labels, seed, 0.1):
         out = tda(inputs, order, w, SCALE, config, block=block)
         ref = tda_reference(x, w, order, config)
         torch.testing.assert_close(out.scores, ref, atol=1e-9, rtol=0)
@@ -195,6 +206,15 @@ def test_tda_without_positive_weight_or_negative_cache_is_zero_shot() -> None:
 # --------------------------------------------------------------------------- BoostAdapter
 
 
+def boost_reference(x, w, order, config: BoostConfig) -> torch.Tensor:
+    cache = config.cache
+    stream = [x[i] for i in order.tolist()]
+    out = boost_stream(
+        stream, w.T, SCALE, cache.alpha, cache.beta, config.delta, cache.query == "z0"
+    )
+    return in_dataset_order(out, order)
+
+
 @pytest.mark.parametrize(
     ("seed", "config", "block"),
     [
@@ -207,15 +227,11 @@ def test_boost_float64_equals_reference(seed: int, config: BoostConfig, block: i
     x, w, labels = case(seed)
     inputs = tda_inputs(x, w, SCALE, config.cache)
     views = boost_views(x, w, SCALE, config)
-    cache = config.cache
-    for order in (*shuffled_streams(len(x), 2, seed), *correlated_streams(labels, 0.1, 1, seed)):
+    for order in orders(labels, seed, 0.1):
         out = boost(inputs, views, order, w, SCALE, config, block=block)
-        stream = [x[i] for i in order.tolist()]
-        ref = torch.empty_like(out.scores)
-        ref[order] = boost_stream(
-            stream, w.T, SCALE, cache.alpha, cache.beta, config.delta, cache.query == "z0"
+        torch.testing.assert_close(
+            out.scores, boost_reference(x, w, order, config), atol=1e-9, rtol=0
         )
-        torch.testing.assert_close(out.scores, ref, atol=1e-9, rtol=0)
 
 
 def test_boost_without_views_is_tda_with_a_fifo_negative_cache() -> None:
@@ -260,10 +276,7 @@ def test_boost_state_counts_the_boosted_entries() -> None:
 
 def dmn_reference(x, w, order, config: DMNConfig) -> torch.Tensor:
     stream = [x[i, : config.inputs] for i in order.tolist()]
-    out = dmn_stream(stream, w, SCALE, config.gamma, config.memory)
-    full = torch.empty_like(out)
-    full[order] = out
-    return full
+    return in_dataset_order(dmn_stream(stream, w, SCALE, config.gamma, config.memory), order)
 
 
 @pytest.mark.parametrize(
@@ -277,7 +290,7 @@ def dmn_reference(x, w, order, config: DMNConfig) -> torch.Tensor:
 def test_dmn_float64_equals_reference(seed: int, config: DMNConfig, block: int) -> None:
     x, w, labels = case(seed)
     inputs = dmn_inputs(x, w, SCALE, config)
-    for order in (*shuffled_streams(len(x), 2, seed), *correlated_streams(labels, 0.01, 1, seed)):
+    for order in orders(labels, seed, 0.01):
         out = dmn(inputs, order, w, SCALE, config, block=block)
         ref = dmn_reference(x, w, order, config)
         torch.testing.assert_close(out.scores, ref, atol=1e-9, rtol=0)
@@ -325,8 +338,6 @@ def test_float32_engines_agree_with_float64_references() -> None:
         ),
     }
     config = BoostConfig(delta=1)
-    ref = torch.empty(len(x), w.shape[0], dtype=torch.float64)
-    ref[order] = boost_stream([x[i] for i in order.tolist()], w.T, SCALE, 2.0, 5.0, 1)
     agreements["boost"] = top1_agreement(
         boost(
             tda_inputs(x32, w32, SCALE, config.cache),
@@ -336,7 +347,7 @@ def test_float32_engines_agree_with_float64_references() -> None:
             SCALE,
             config,
         ).scores,
-        ref,
+        boost_reference(x, w, order, config),
     )
     assert min(agreements.values()) >= 0.995, agreements
 

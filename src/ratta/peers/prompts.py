@@ -43,27 +43,13 @@ TDA_TEMPLATES: dict[str, tuple[str, ...]] = {
     "imagenet_sketch": IMAGENET_TEMPLATES,
 }
 
-# DMN's ID_to_prompts; its ImageNet family (one-letter set ids) uses the tip templates.
+# DMN's ID_to_prompts: TDA's but for cars; its ImageNet family (one-letter set ids) all use
+# the tip templates.
 DMN_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "caltech101": CLIP_SEVEN_TEMPLATES,
-    "dtd": ("{} texture.",),
-    "fgvc_aircraft": _type_of("aircraft"),
-    "food101": _type_of("food", article=""),
-    "flowers102": _type_of("flower"),
-    "oxford_pets": _type_of("pet"),
+    **TDA_TEMPLATES,
     "stanford_cars": _type_of("car"),
-    "sun397": CLIP_SEVEN_TEMPLATES,
-    "ucf101": ("a photo of a person doing {}.",),
-    **{
-        name: CLIP_SEVEN_TEMPLATES
-        for name in (
-            "imagenet",
-            "imagenet_adversarial",
-            "imagenet_v2",
-            "imagenet_rendition",
-            "imagenet_sketch",
-        )
-    },
+    "imagenet_rendition": CLIP_SEVEN_TEMPLATES,
+    "imagenet_sketch": CLIP_SEVEN_TEMPLATES,
 }
 
 # The CuPL file DMN reads per dataset (ID_to_gptprompts_path; the ImageNet family's).
