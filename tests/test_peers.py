@@ -45,6 +45,16 @@ from ratta.synthetic import make_world
 SCALE = 100.0
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The references run thousands of tiny per-image ops: on a shared 2-core machine a
+    second intra-op thread only adds waits at every op's barrier (10-30x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def case(seed: int, classes: int = 10, n: int = 120, dim: int = 32, **kw):
     """Normalised float64 inputs [n, 64, d], classifier [C, d] and labels of a generated world."""
     w = make_world(num_classes=classes, dim=dim, num_views=63, num_test=n, seed=seed, **kw)
@@ -187,13 +197,14 @@ def test_tda_cases_fill_and_rank_both_caches() -> None:
 
 def test_prepared_inputs_fill_a_store_batch_by_batch() -> None:
     x, w, _ = case(13, n=40)
-    whole = tda_inputs(x, w, SCALE)
+    parts = [tda_inputs(x[start : start + 16], w, SCALE) for start in range(0, 40, 16)]
     store = None
-    for start in range(0, 40, 16):
-        store = fill(store, tda_inputs(x[start : start + 16], w, SCALE), start, 40)
+    for start, items in zip(range(0, 40, 16), parts, strict=True):
+        store = fill(store, items, start, 40)
     assert store is not None
-    for name, field in whole.__dict__.items():
-        assert torch.equal(getattr(store, name), field)
+    for name, field in store.__dict__.items():
+        assert field.shape[0] == 40
+        assert torch.equal(field, torch.cat([getattr(p, name) for p in parts]))
 
 
 def test_tda_without_positive_weight_or_negative_cache_is_zero_shot() -> None:
