@@ -32,7 +32,7 @@ def zero_image(views, z_txt, scale, gamma=0.3, zero_temp=2.0**-10):
     filt_idx = full_idx[: int(batch_entropy.size()[0] * gamma)]
     l_filt = l[filt_idx]
     if zero_temp > 0:
-        p_bar = (l_filt / zero_temp).softmax(1).sum(0)
+        p_bar = (l_filt / zero_temp).float().softmax(1).sum(0).to(l.dtype)  # autocast: fp32
     else:
         p_bar = F.one_hot(l_filt.argmax(1), l.shape[1]).to(l.dtype).sum(0)
     max_counts, scalar_pred = torch.max(p_bar, dim=-1)

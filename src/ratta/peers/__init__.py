@@ -26,7 +26,8 @@ where the official code has a bug that is not the method, the intended behaviour
 - StatA's correlated streams draw the Dirichlet shares from an unseeded generator; here
   every stream is a function of the seed.
 Not reproduced: the float16 arithmetic of the official runs (inputs are computed in their
-own dtype, float32 or float64), except ZERO's vote temperature, which is float16's epsilon.
+own dtype, float32 or float64), except ZERO's vote temperature, float16's epsilon, and its
+float32 votes (autocast's softmax), where ties are decided.
 """
 
 from ratta.peers.common import PeerOutput, fill, take, view_logits

@@ -23,7 +23,8 @@ class ZeroConfig:
         gamma: fraction of inputs kept: the floor(gamma N) of lowest entropy.
         temperature: the "zero" temperature on the unscaled cosines. The official code uses
             float16's machine epsilon 2^-10 (its autocast dtype), so a vote is
-            softmax(cos / 2^-10), not a one-hot; 0 counts exact one-hot votes.
+            softmax(cos / 2^-10), not a one-hot, summed in float32 (autocast's softmax) in
+            every input dtype; 0 counts exact one-hot votes.
     """
 
     inputs: int = 64
@@ -60,7 +61,10 @@ def zero(
     order = confident_order(logits)
     kept = gather_inputs(logits, order[:, :k])
     if config.temperature > 0:
-        votes = torch.softmax(kept / (scale * config.temperature), dim=-1).sum(1)
+        # float32 votes, as the official autocast softmax: which classes tie is decided at
+        # that precision (near-1 votes that float64 tells apart are equal there)
+        cos = (kept / (scale * config.temperature)).float()
+        votes = torch.softmax(cos, dim=-1).sum(1).to(logits.dtype)
     else:
         votes = F.one_hot(kept.argmax(-1), logits.shape[-1]).to(logits.dtype).sum(1)
     tied = votes == votes.amax(-1, keepdim=True)
