@@ -39,6 +39,13 @@ def view_logits(x: Tensor, classifier: Tensor, scale: float) -> Tensor:
     return torch.matmul(x, (scale * classifier).T)
 
 
+def first_logits(
+    x: Tensor, classifier: Tensor, scale: float, n: int, logits: Tensor | None
+) -> Tensor:
+    """s x W^T of the first n inputs [B, n, C]: a slice of ``logits`` when already computed."""
+    return view_logits(x[:, :n], classifier, scale) if logits is None else logits[:, :n]
+
+
 def entropy(logits: Tensor) -> Tensor:
     r"""H(softmax(l)) over the last dim, in nats: -sum p log p with log p = log_softmax(l)."""
     log_p = torch.log_softmax(logits, dim=-1)

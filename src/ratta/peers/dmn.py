@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ratta.peers.common import PeerOutput, gather_inputs, run_stream, view_logits
+from ratta.peers.common import PeerOutput, first_logits, gather_inputs, run_stream
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def dmn_inputs(
 ) -> DMNInputs:
     """Pseudo-label and its entropy of a batch of images, from their first N inputs."""
     n = config.inputs
-    logit = view_logits(x[:, :n], classifier, scale) if logits is None else logits[:, :n]
+    logit = first_logits(x, classifier, scale, n, logits)
     p = torch.softmax(logit, dim=-1)
     h = -p.add(1e-6).log_().mul_(p).sum(-1)  # -sum p log(p + 1e-6)
     k = int(p.shape[1] * config.select)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ratta.peers.common import PeerOutput, view_logits
+from ratta.peers.common import PeerOutput, first_logits
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def mta(
     """
     n = config.inputs
     z = x[:, :n]
-    logits = view_logits(z, classifier, scale) if logits is None else logits[:, :n]
+    logits = first_logits(x, classifier, scale, n, logits)
     bsz, n, _ = z.shape
     # The mode is always m = sum_i c_i z_i, so every step works on the coefficients c with the
     # Gram matrix G = Z Z^T: z_i^T m = (G c)_i and ||m||^2 = c^T G c ([N, N] work, not [N, d]).

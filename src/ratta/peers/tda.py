@@ -34,9 +34,9 @@ from ratta.peers.common import (
     PeerOutput,
     confident_order,
     entropy,
+    first_logits,
     gather_inputs,
     run_stream,
-    view_logits,
 )
 
 
@@ -148,7 +148,7 @@ def tda_inputs(
             neg_mask=(prob > lo) & (prob < hi),
         )
     n = config.inputs
-    logit = view_logits(x[:, :n], classifier, scale) if logits is None else logits[:, :n]
+    logit = first_logits(x, classifier, scale, n, logits)
     k = int(logit.shape[1] * config.select)
     idx = confident_order(logit)[:, :k]
     chosen = gather_inputs(logit, idx)
@@ -173,7 +173,7 @@ def boost_views(
 ) -> BoostViews:
     """BoostAdapter's boosted inputs of a batch: the floor(0.1 N) of lowest entropy."""
     n = config.cache.inputs
-    logit = view_logits(x[:, :n], classifier, scale) if logits is None else logits[:, :n]
+    logit = first_logits(x, classifier, scale, n, logits)
     k = int(logit.shape[1] * config.cache.select)
     idx = confident_order(logit)[:, :k]
     chosen = gather_inputs(logit, idx)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ratta.peers.common import PeerOutput, confident_order, gather_inputs, view_logits
+from ratta.peers.common import PeerOutput, confident_order, first_logits, gather_inputs
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def zero(
         scores: the votes [B, C]; probs: the normalised votes.
     """
     n = config.inputs
-    logits = view_logits(x[:, :n], classifier, scale) if logits is None else logits[:, :n]
+    logits = first_logits(x, classifier, scale, n, logits)
     k = int(logits.shape[1] * config.gamma)
     order = confident_order(logits)
     kept = gather_inputs(logits, order[:, :k])
