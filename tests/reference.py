@@ -48,19 +48,28 @@ def reference_image(
         owned.setdefault(int(desc_class[m]), []).append(int(m))
     survivors = {c: rows for c, rows in owned.items() if len(rows) >= min_desc}
     if not survivors:
-        return {"p0": p0, "p_ret": p0, "p": p0, "classes": [], "rel": np.array([])}
+        return {
+            "p0": p0,
+            "p_ret": p0,
+            "p": p0,
+            "classes": [],
+            "rel": np.array([]),
+            "top": order,
+            "retrieved": [],
+        }
     # 4. prototypes
     protos = {c: normalise(desc[rows].mean(0)) for c, rows in survivors.items()}
     all_rows = [m for rows in survivors.values() for m in rows]
     t_star = normalise(desc[all_rows].mean(0))
     # 5-6. retrieval and OT distance per set
     a = softmax(s * x @ t_star)
-    dists = []
+    dists, retrieved = [], []
     classes = sorted(survivors)
     for c in classes:
         t_c = protos[c]
         l2 = np.sum((database - t_c) ** 2, axis=1)
         nearest = np.argsort(l2, kind="stable")[: min(k_s, len(database))]
+        retrieved.append(nearest)
         r = database[nearest]
         cost = np.abs((x @ t_c)[:, None] - (r @ t_c)[None, :])
         b = softmax(s * r @ t_c)
@@ -81,4 +90,6 @@ def reference_image(
         "classes": classes,
         "rel": rel,
         "dists": np.array(dists),
+        "top": order,
+        "retrieved": retrieved,
     }

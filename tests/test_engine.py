@@ -67,6 +67,24 @@ def test_float32_engine_agrees_with_reference(seed: int) -> None:
     assert close.mean() >= 0.99
 
 
+def test_the_evidence_is_what_the_reference_uses(world: SyntheticWorld) -> None:
+    """The retrieved rows of each candidate set (nearest first) and the top description
+    rows are those of the reference; empty slots hold -1."""
+    res = run_engine(world, torch.float64, RATTAConfig())
+    assert res.retrieved.shape == (*res.candidates.shape, RATTAConfig().k_s)
+    for i, r in enumerate(run_reference(world, RATTAConfig())):
+        assert res.top_descriptions[i].tolist() == sorted(r["top"].tolist())
+        slots = res.candidates[i] >= 0
+        assert [ids.tolist() for ids in res.retrieved[i, slots]] == [
+            ids.tolist() for ids in r["retrieved"]
+        ]
+        assert bool((res.retrieved[i, ~slots] == -1).all())
+    top_scores = description_scores(stacked(world).double(), world.text.desc.double(), 0.75)
+    torch.testing.assert_close(
+        res.top_description_scores, top_scores.gather(1, res.top_descriptions)
+    )
+
+
 def test_outputs_are_distributions(world: SyntheticWorld) -> None:
     res = run_engine(world, torch.float32, RATTAConfig())
     for p in (res.zero_shot, res.retrieval, res.final):
@@ -125,6 +143,7 @@ def test_k_s_larger_than_database_uses_every_row(world: SyntheticWorld) -> None:
     ref = run_reference(world, config, db=small.numpy())
     for i, r in enumerate(ref):
         np.testing.assert_allclose(res.final[i].numpy(), r["p"], atol=1e-9)
+    assert res.retrieved.shape[2] == 7
 
 
 def test_no_views_uses_the_center_crop_alone(world: SyntheticWorld) -> None:

@@ -19,7 +19,7 @@ from simcuda import SimulatedCuda
 import ratta.files.database
 import ratta.retrieval
 from ratta import RATTAConfig, ratta_batch
-from ratta.adapt import OUTPUT_KEYS, RangeAdapter, adapt
+from ratta.adapt import RangeAdapter, adapt, output_keys
 from ratta.backbones import load_backbone
 from ratta.cli import main
 from ratta.db.importers import import_database
@@ -70,14 +70,28 @@ def adapt_on(gpu: SimulatedCuda, files: dict[str, Path], out: Path, **kwargs) ->
 def test_adapt_on_a_gpu_gives_the_cpu_outputs(files16, tmp_path, search, placement) -> None:
     """Same outputs, bit for bit (the simulated device computes on the CPU): the GPU code
     paths (no pruning, Sinkhorn's looks, float16 rows widened per block, streaming, rows
-    read by id) change how the work is cut, never the result."""
-    cpu = adapt(files16["features"], files16["text"], files16["db"], tmp_path / "c", batch_size=20)
+    read by id) change how the work is cut, never the result, the retrieved rows included."""
+    cpu = adapt(
+        files16["features"],
+        files16["text"],
+        files16["db"],
+        tmp_path / "c",
+        batch_size=20,
+        save_retrieved=True,
+    )
     gpu = SimulatedCuda()
     with pytest.warns(DeviceFallbackWarning) if search == "faiss" else contextlib.nullcontext():
         summary = adapt_on(
-            gpu, files16, tmp_path / "g", batch_size=20, search=search, db_placement=placement
+            gpu,
+            files16,
+            tmp_path / "g",
+            batch_size=20,
+            search=search,
+            db_placement=placement,
+            save_retrieved=True,
         )
     assert same(outputs(tmp_path / "c"), outputs(tmp_path / "g"))
+    assert "retrieved" in outputs(tmp_path / "g")
     assert summary["metrics"] == cpu["metrics"]
     assert summary["runtime"]["db_placement"] == ("host" if search == "faiss" else placement)
     assert not gpu.counts.atomics and not gpu.counts.tf32 and gpu.counts.device_matmuls
@@ -252,7 +266,8 @@ def test_device_strings_are_checked_up_front(files16, tmp_path, capsys) -> None:
             resolve_device("cuda")
 
 
-def test_the_ray_adaptation_job_on_a_gpu(files16, tmp_path) -> None:
+@pytest.mark.parametrize("save_retrieved", [False, True])
+def test_the_ray_adaptation_job_on_a_gpu(files16, tmp_path, save_retrieved) -> None:
     job = RangeAdapter(
         files16["features"],
         files16["text"],
@@ -261,6 +276,7 @@ def test_the_ray_adaptation_job_on_a_gpu(files16, tmp_path) -> None:
         dtype="float32",
         search="exact",
         views=None,
+        save_retrieved=save_retrieved,
     )
     job.setup("cpu")
     expected = job((10, 30))["outputs"]
@@ -272,7 +288,7 @@ def test_the_ray_adaptation_job_on_a_gpu(files16, tmp_path) -> None:
     assert same(result["outputs"], expected)
     assert all(not gpu.on_device(t) for t in result["outputs"].values())
     assert len(gpu.counts.d2h) - loaded == 1  # the outputs, in one copy
-    assert set(result["outputs"]) == set(OUTPUT_KEYS)
+    assert set(result["outputs"]) == set(output_keys(save_retrieved))
 
 
 def test_sinkhorn_looks_change_nothing_but_the_waits() -> None:

@@ -364,15 +364,25 @@ def test_select_cli_on_ray(tmp_path: Path, capsys) -> None:
 # ------------------------------------------------------------------------------ adapt
 
 
-def test_adapt_on_ray_equals_local(world: SyntheticWorld, world_files, tmp_path: Path) -> None:
+@pytest.mark.parametrize("save_retrieved", [False, True])
+def test_adapt_on_ray_equals_local(
+    world: SyntheticWorld, world_files, tmp_path: Path, save_retrieved: bool
+) -> None:
     args = (world_files["features"], world_files["text"], world_files["db"])
-    adapt(*args, tmp_path / "local.safetensors", batch_size=16)
-    summary = adapt(*args, tmp_path / "ray.safetensors", batch_size=16, backend=TWO)
+    adapt(*args, tmp_path / "local.safetensors", batch_size=16, save_retrieved=save_retrieved)
+    summary = adapt(
+        *args,
+        tmp_path / "ray.safetensors",
+        batch_size=16,
+        backend=TWO,
+        save_retrieved=save_retrieved,
+    )
     local, on_ray = (
         load_file(str(tmp_path / "local.safetensors")),
         load_file(str(tmp_path / "ray.safetensors")),
     )
     assert local.keys() == on_ray.keys()
+    assert ("retrieved" in local) == save_retrieved
     for key in local:
         torch.testing.assert_close(on_ray[key], local[key], atol=1e-6, rtol=0, equal_nan=True)
     assert torch.equal(on_ray["candidates"], local["candidates"])

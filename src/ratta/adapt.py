@@ -64,6 +64,14 @@ OUTPUT_KEYS = (
     "entropy_zero_shot",
     "entropy_retrieval",
 )
+# What the predictions rest on, kept with ``save_retrieved`` (the evidence ``ratta explain``
+# shows): the retrieved database rows and the top description rows with their scores.
+RETRIEVED_KEYS = ("retrieved", "top_descriptions", "top_description_scores")
+
+
+def output_keys(save_retrieved: bool) -> tuple[str, ...]:
+    """The keys of the predictions file."""
+    return OUTPUT_KEYS + RETRIEVED_KEYS if save_retrieved else OUTPUT_KEYS
 
 
 @dataclass
@@ -229,9 +237,15 @@ def _read(inp: _Inputs, span: tuple[int, int], dev: torch.device) -> Tensor:
 
 
 def _adapt_batch(
-    host_x: Tensor, s: _Search, config: RATTAConfig, work: torch.dtype, timer: StageTimer
+    host_x: Tensor,
+    s: _Search,
+    config: RATTAConfig,
+    work: torch.dtype,
+    timer: StageTimer,
+    keys: tuple[str, ...] = OUTPUT_KEYS,
 ) -> dict[str, Tensor]:
-    """RA-TTA outputs of one batch of test embeddings, in host memory: either backend.
+    """RA-TTA outputs ``keys`` of one batch of test embeddings, in host memory: either
+    backend.
 
     The embeddings go to the device in their stored dtype (float16: half the bytes) and
     are widened there; the outputs come back in one device-to-host copy.
@@ -242,11 +256,13 @@ def _adapt_batch(
     result: BatchResult = ratta_batch(
         x, s.classifier, s.desc, s.desc_class, s.logit_scale, s.database.retriever, config, timer
     )
-    tensors = {key: getattr(result, key) for key in OUTPUT_KEYS}
+    tensors = {key: getattr(result, key) for key in keys}
     if dev.type != "cuda":
         return tensors
-    # class ids (< 2^24) are exact in the working float dtype: one buffer, one copy
-    flat = torch.cat([t.reshape(-1).to(work) for t in tensors.values()]).cpu()
+    # one buffer, one copy: class ids (< 2^24) are exact in the working float dtype, and
+    # database row ids (< 2^53) in float64
+    pack = torch.float64 if "retrieved" in keys else work
+    flat = torch.cat([t.reshape(-1).to(pack) for t in tensors.values()]).cpu()
     out = {}
     for (key, t), part in zip(
         tensors.items(), flat.split([t.numel() for t in tensors.values()]), strict=True
@@ -272,10 +288,12 @@ class RangeAdapter:
         tf32: bool = False,
         profile: bool = False,
         db_placement: str = "auto",
+        save_retrieved: bool = False,
     ) -> None:
         self.paths = (str(features), str(text), str(db))
         self.config, self.dtype, self.search, self.views = config, dtype, search, views
         self.tf32, self.profile, self.placement = tf32, profile, db_placement
+        self.keys = output_keys(save_retrieved)
 
     def setup(self, device: str) -> None:
         self.dev = resolve_device(device)
@@ -290,7 +308,9 @@ class RangeAdapter:
         before = dict(self.inputs.reader.renormalised)
         with numerics(self.tf32), torch.inference_mode():
             host_x = _read(self.inputs, span, self.dev)
-            outputs = _adapt_batch(host_x, self.loaded, self.config, DTYPES[self.dtype], self.timer)
+            outputs = _adapt_batch(
+                host_x, self.loaded, self.config, DTYPES[self.dtype], self.timer, self.keys
+            )
         renormalised = {k: v - before[k] for k, v in self.inputs.reader.renormalised.items()}
         timings = dict(self.timer.seconds)
         self.timer.seconds.clear()
@@ -327,12 +347,15 @@ def adapt(
     profile: bool = False,
     db_placement: str = "auto",
     databases: DatabaseCache | None = None,
+    save_retrieved: bool = False,
 ) -> dict[str, Any]:
     """Run RA-TTA over a features file and write ``out`` (safetensors) and ``out.json``.
 
     Every input is validated before work starts (values of the features file batch by batch);
     on any error nothing is written. ``views`` uses only the first V' stored views (for
-    sweeps over V). Returns the JSON summary.
+    sweeps over V). ``save_retrieved`` also keeps what each prediction rests on
+    (:data:`RETRIEVED_KEYS`: the retrieved database rows, the top description rows and
+    their scores), which ``ratta explain`` shows. Returns the JSON summary.
 
     On CUDA: float32 products in full precision unless ``tf32``
     (:func:`ratta.devices.numerics`); ``profile`` makes stage times exact by waiting for the
@@ -358,6 +381,7 @@ def adapt(
         dev = resolve_device(device)
     check_search(search, db_placement, dev, config.k_s)
     work = DTYPES[dtype]
+    keys = output_keys(save_retrieved)
     out_path = Path(out)
     timer = StageTimer(dev if backend is None else torch.device("cpu"), profile)
     t_start = time.perf_counter()
@@ -383,6 +407,7 @@ def adapt(
             tf32=tf32,
             profile=profile,
             db_placement=db_placement,
+            save_retrieved=save_retrieved,
         )
         outputs, shards = _adapt_on_ray(
             inp, job, spans, out_path, batch_size, backend, timer, progress
@@ -392,10 +417,10 @@ def adapt(
         with numerics(tf32), torch.inference_mode():
             with timer("load"):
                 loaded = _load_search(inp, dev, work, search, db_placement, databases)
-            outputs = _adapt_local(inp, loaded, spans, config, work, timer, progress)
+            outputs = _adapt_local(inp, loaded, spans, config, work, timer, progress, keys)
         database_rows, desc_rows = loaded.database.retriever.size, int(loaded.desc.shape[0])
         placed = loaded.database.to_dict()
-    for key in OUTPUT_KEYS:
+    for key in keys:
         if outputs[key].is_floating_point():
             outputs[key] = outputs[key].float()
 
@@ -471,6 +496,7 @@ def _adapt_local(
     work: torch.dtype,
     timer: StageTimer,
     progress: Progress,
+    keys: tuple[str, ...],
 ) -> dict[str, Tensor]:
     """Adapt ``spans`` here, reading each next batch while the current one is adapted."""
     dev = loaded.classifier.device
@@ -482,12 +508,12 @@ def _adapt_local(
                 host_x = next(batches, None)
             if host_x is None:
                 break
-            for key, value in _adapt_batch(host_x, loaded, config, work, timer).items():
+            for key, value in _adapt_batch(host_x, loaded, config, work, timer, keys).items():
                 parts[key].append(value)
             bar.update()
     bar.close()
     inp.reader.warn_renormalised()
-    return {key: torch.cat(parts[key]) for key in OUTPUT_KEYS}
+    return {key: torch.cat(parts[key]) for key in keys}
 
 
 def _adapt_on_ray(
@@ -517,6 +543,7 @@ def _adapt_on_ray(
         # GPU and CPU kernels, TF32 or not, round differently: no mixed resumes
         "device": backend.device,
         "tf32": job.tf32 and backend.device == "cuda",
+        "keys": list(job.keys),
     }
     store = ShardStore(Path(f"{out_path}.parts"), identity, "adaptation", prefix="batch")
     todo = store.todo(len(spans))
@@ -542,9 +569,9 @@ def _adapt_on_ray(
     with timer("read"):
         for i in range(len(spans)):
             tensors, meta = store.load(i)
-            for key in OUTPUT_KEYS:
+            for key in job.keys:
                 parts[key].append(tensors[key])
             for key, count in meta["renormalised"].items():
                 inp.reader.renormalised[key] += count
     inp.reader.warn_renormalised()
-    return {key: torch.cat(parts[key]) for key in OUTPUT_KEYS}, report.to_dict()
+    return {key: torch.cat(parts[key]) for key in job.keys}, report.to_dict()

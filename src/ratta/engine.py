@@ -100,6 +100,11 @@ class BatchResult:
     ``retrieval`` equals ``zero_shot`` for an image where no class survives (the reference
     code's fallback); ``lam`` is then 1. Candidate slots are padded with class -1,
     relevance 0 and distance NaN.
+
+    What the predictions rest on: ``retrieved`` [B, S, K'] the database rows of each
+    candidate set, nearest first (K' = min(K_S, database rows); -1 in empty slots);
+    ``top_descriptions`` [B, K] the K = min(K_D, M) top-scoring description rows in
+    ascending row order, ``top_description_scores`` [B, K] their scores.
     """
 
     zero_shot: Tensor
@@ -111,6 +116,9 @@ class BatchResult:
     lam: Tensor
     entropy_zero_shot: Tensor
     entropy_retrieval: Tensor
+    retrieved: Tensor
+    top_descriptions: Tensor
+    top_description_scores: Tensor
 
 
 def zero_shot(x0: Tensor, classifier: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -392,10 +400,17 @@ def ratta_batch(
         set_protos, global_proto = prototypes(desc, cand)
         sets = cand.valid.flatten().nonzero().squeeze(1)
     distances = torch.full((cand.valid.numel(),), float("nan"), dtype=x.dtype, device=x.device)
+    found_ids = torch.full(
+        (cand.valid.numel(), min(config.k_s, retriever.size)),
+        -1,
+        dtype=torch.int64,
+        device=x.device,
+    )
     if sets.numel():
         with timer("search"):
             ids = retriever.search(set_protos.flatten(0, 1)[sets], config.k_s)
             retrieved = retriever.gather(ids, like=x)
+            found_ids.index_copy_(0, sets, ids.to(x.device))
         with timer("ot"):
             found = set_distances(
                 x,
@@ -422,4 +437,7 @@ def ratta_batch(
         lam=lam,
         entropy_zero_shot=h0,
         entropy_retrieval=h_ret,
+        retrieved=found_ids.view(*cand.valid.shape, -1),
+        top_descriptions=cand.top_ids,
+        top_description_scores=scores.gather(1, cand.top_ids),
     )

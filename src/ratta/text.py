@@ -130,6 +130,11 @@ class TextPrompts:
     classifier_texts: list[list[str]]
     desc_texts: list[list[str]]
 
+    @property
+    def desc_rows(self) -> list[str]:
+        """The description texts in row order (class by class): the rows of ``desc``."""
+        return [t for texts in self.desc_texts for t in texts]
+
 
 def compose_prompts(
     class_names: Sequence[str],
@@ -156,7 +161,6 @@ def encode_prompts(
     ``on_batch(n)``: called after each batch of n texts encoded.
     """
     flat_cls = [t for texts in prompts.classifier_texts for t in texts]
-    flat_desc = [t for texts in prompts.desc_texts for t in texts]
     emb = backbone.encode_texts(flat_cls, on_batch=on_batch)
     owner = torch.repeat_interleave(
         torch.arange(len(prompts.classifier_texts)),
@@ -165,7 +169,7 @@ def encode_prompts(
     sums = torch.zeros(len(prompts.classifier_texts), emb.shape[1]).index_add_(0, owner, emb)
     counts = torch.bincount(owner, minlength=len(prompts.classifier_texts)).unsqueeze(1)
     classifier = F.normalize(sums / counts, dim=-1)
-    desc = backbone.encode_texts(flat_desc, on_batch=on_batch)
+    desc = backbone.encode_texts(prompts.desc_rows, on_batch=on_batch)
     desc_class = torch.repeat_interleave(
         torch.arange(len(prompts.desc_texts)),
         torch.tensor([len(t) for t in prompts.desc_texts]),
@@ -260,6 +264,7 @@ def build_text_features(
         logit_scale=backbone.logit_scale,
         class_names=list(class_names),
         baselines=baselines,
+        desc_texts=prompts.desc_rows,
     )
     save_text(out_path, text, {"ratta_text": json.dumps(info)})
     summary = {

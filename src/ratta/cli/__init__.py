@@ -1,7 +1,8 @@
 """The ``ratta`` command: a thin layer over the Python API, one module per command group.
 
 - ``adapt``: ``ratta adapt``; ``pipeline``: ``extract``, ``text``, ``run``; ``evaluate``:
-  ``eval``, ``sweep``; ``demo``, ``describe``, ``datasets``, ``db``: their commands;
+  ``eval``, ``sweep``; ``explain``, ``demo``, ``describe``, ``datasets``, ``db``: their
+  commands;
 - ``options``: the option groups the commands share and what they turn into;
 - ``report``: the summaries the commands print.
 
@@ -18,13 +19,13 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ratta.cli import adapt, datasets, db, demo, describe, evaluate, pipeline
+from ratta.cli import adapt, datasets, db, demo, describe, evaluate, explain, pipeline
 from ratta.errors import RattaInputError
 
 EXIT_USAGE = 2
 
 # The command groups, in the order ``ratta --help`` lists their commands.
-COMMAND_GROUPS = (adapt, pipeline, evaluate, demo, describe, datasets, db)
+COMMAND_GROUPS = (adapt, explain, pipeline, evaluate, demo, describe, datasets, db)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="exact search: the rows on the device as stored, or streamed from host memory "
         "at every search; auto streams on a GPU without room for them (%(default)s)",
     )
+    p.add_argument(
+        "--save-retrieved",
+        action="store_true",
+        help="also keep what each prediction rests on: the retrieved database rows of each "
+        "candidate set and the top description rows (for ratta explain)",
+    )
     compute_args(p, profile=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     backend_args(p, workers=True)
@@ -67,6 +73,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
         tf32=args.tf32,
         profile=args.profile,
         db_placement=args.db_placement,
+        save_retrieved=args.save_retrieved,
     )
     print(format_results(summary))
     print_shards(summary)

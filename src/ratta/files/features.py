@@ -1,10 +1,14 @@
 """The features file: ``image`` [N, d], ``views`` [N, V, d] (float16/float32), optional
-``labels`` [N] int64; read lazily, batch by batch."""
+``labels`` [N] int64 and ``index`` [N] int64 (position in the split), metadata
+``ratta_features`` (JSON: what produced it, ``source`` naming the dataset); read lazily,
+batch by batch."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +61,27 @@ class FeatureReader:
                     f"{self.path}: key 'labels' has {shape[0]} entries for {self.num_images} images"
                 )
             self.labels = self._file.get_tensor("labels")
+        self.index: Tensor | None = None
+        if "index" in keys:
+            shape, dtype = key_layout(self._file, self.path, "index", keys)
+            expect_layout(self.path, "index", shape, dtype, 1, (torch.int64,), "[N]")
+            if shape[0] != self.num_images:
+                raise RattaInputError(
+                    f"{self.path}: key 'index' has {shape[0]} entries for {self.num_images} images"
+                )
+            self.index = self._file.get_tensor("index")
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """What the images came from (``ratta extract``: ``dataset``, ``split`` fingerprint);
+        empty for files written otherwise."""
+        try:
+            info = json.loads((self._file.metadata() or {}).get("ratta_features", "{}"))
+        except json.JSONDecodeError:
+            info = None
+        if not isinstance(info, dict) or not isinstance(info.get("source", {}), dict):
+            raise RattaInputError(f"{self.path}: metadata key 'ratta_features' is not valid JSON")
+        return info.get("source", {})
 
     def check_labels(self, num_classes: int) -> None:
         if self.labels is not None and self.labels.numel():

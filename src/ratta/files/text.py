@@ -1,5 +1,6 @@
 """The text-features file: ``classifier`` [C, d], ``desc`` [M, d], ``desc_class`` [M] int64,
-``logit_scale`` (the multiplier s), metadata ``class_names``; optional ``baseline_<name>``."""
+``logit_scale`` (the multiplier s), metadata ``class_names``; optional ``baseline_<name>``
+and metadata ``desc_texts`` (the M description rows' texts)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class TextFeatures:
 
     ``baselines`` holds optional extra zero-shot classifiers [C, d] for evaluation (stored as
     ``baseline_<name>``): ``single_template`` ('a photo of a {}.') and ``template_ensemble``
-    (the dataset's hand templates only).
+    (the dataset's hand templates only). ``desc_texts``: the text each row of ``desc``
+    encodes, if known (files written before it was stored, generated worlds: ``None``).
     """
 
     classifier: Tensor
@@ -34,6 +36,7 @@ class TextFeatures:
     logit_scale: float
     class_names: list[str]
     baselines: dict[str, Tensor] = field(default_factory=dict)
+    desc_texts: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -51,6 +54,8 @@ def save_text(
 ) -> None:
     meta = dict(metadata or {})
     meta["class_names"] = json.dumps(text.class_names)
+    if text.desc_texts is not None:
+        meta["desc_texts"] = json.dumps(text.desc_texts)
     save_safetensors(
         path,
         {
@@ -114,8 +119,9 @@ def load_text(path: str | os.PathLike[str]) -> TextFeatures:
         names = json.loads(meta["class_names"])
     except json.JSONDecodeError:
         names = None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    if not _strings(names):
         raise RattaInputError(f"{p}: metadata key 'class_names' must be a JSON list of strings")
+    desc_texts = _desc_texts(p, meta, desc.shape[0])
     if len(names) != c:
         raise RattaInputError(
             f"{p}: metadata key 'class_names' lists {len(names)} names for {c} classes"
@@ -146,4 +152,25 @@ def load_text(path: str | os.PathLike[str]) -> TextFeatures:
         desc_class=desc_class,
         logit_scale=scale,
         class_names=names,
+        desc_texts=desc_texts,
     )
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _desc_texts(path: Path, meta: dict[str, str], rows: int) -> list[str] | None:
+    """The optional metadata ``desc_texts``: one string per ``desc`` row."""
+    if "desc_texts" not in meta:
+        return None
+    try:
+        texts = json.loads(meta["desc_texts"])
+    except json.JSONDecodeError:
+        texts = None
+    if not _strings(texts) or len(texts) != rows:
+        raise RattaInputError(
+            f"{path}: metadata key 'desc_texts' must be a JSON list of {rows} strings, "
+            "one per 'desc' row"
+        )
+    return texts
