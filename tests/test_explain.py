@@ -441,3 +441,17 @@ def test_a_text_file_with_other_description_rows(files, tmp_path, capsys) -> Non
     save_text(other, text)
     argv = explain_argv(files, tmp_path / "explain", "--images", "0", text=other)
     assert "come from another text file" in fails(argv, capsys)
+
+
+def test_texts_from_files_are_shown_as_they_are(files, tmp_path) -> None:
+    """A description with mathtext or markup in it is drawn and escaped, never parsed."""
+    text = load_text(files["text"])
+    assert text.desc_texts is not None
+    text.desc_texts = [f"costs $\\frac{{$ <b>{i}</b>" for i in range(len(text.desc_texts))]
+    odd = tmp_path / "text.safetensors"
+    save_text(odd, text)
+    out = tmp_path / "explain"
+    run(*explain_argv(files, out, "--images", "4", text=odd))
+    assert png_size(out / "image-00004.png") == (WIDTH, HEIGHT)
+    page = (out / "index.html").read_text()
+    assert "costs $\\frac{$ &lt;b&gt;" in page and "<b>" not in page

@@ -12,7 +12,8 @@ FIGSIZE = (8.0, 4.5)
 DPI = 100
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only (the Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -30,7 +31,7 @@ def _save(fig: Any, path: Path) -> None:
 
 def plot_gain(agg: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> None:
     """Bar chart: top-1 gain of RA-TTA over CuPL per dataset (mean over seeds, std bars)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [d for d in agg if "ratta" in agg[d] and "cupl" in agg[d]]
     gains = [agg[d]["ratta"][0] - agg[d]["cupl"][0] for d in names]
     errs = [agg[d]["ratta"][1] for d in names]
@@ -48,7 +49,7 @@ def plot_gain(agg: dict[str, dict[str, tuple[float, float, int]]], path: Path) -
 
 def plot_sweep(results: Sequence[dict[str, Any]], param: str, dataset: str, path: Path) -> None:
     """Line chart: top-1 of CuPL, retrieval only and RA-TTA against one hyperparameter."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = {
         "k_d": "K_D (top descriptions)",
         "k_s": "K_S (retrieved images per set)",

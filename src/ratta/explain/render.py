@@ -19,8 +19,9 @@ import numpy as np
 from ratta.atomic import atomic_path
 from ratta.explain.evidence import Candidate, Explanation
 from ratta.explain.pictures import WEB_SCHEMES, Picture, open_picture
+from ratta.plots import DPI, pyplot
 
-WIDTH, HEIGHT, DPI = 1600, 1200, 100
+WIDTH, HEIGHT = 1600, 1200
 TEST_SIZE = 440
 THUMB, GAP, PER_ROW = 96, 4, 10
 MAX_THUMBNAILS = 2 * PER_ROW
@@ -28,15 +29,6 @@ MAX_CANDIDATES = 4
 MAX_DESCRIPTIONS = 3
 _PANEL_TOP, _PANEL_HEIGHT, _RIGHT = 96, 272, 500
 _BACKGROUND, _EMPTY = 255, 215
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _short(text: str, width: int) -> str:
@@ -47,12 +39,13 @@ class _Canvas:
     """A figure addressed in pixels from its top-left corner."""
 
     def __init__(self) -> None:
-        self.plt = _pyplot()
+        self.plt = pyplot()
         self.fig = self.plt.figure(figsize=(WIDTH / DPI, HEIGHT / DPI), dpi=DPI)
 
     def text(self, x: float, y: float, s: str, **kw: Any) -> None:
         kw.setdefault("va", "top")
-        self.fig.text(x / WIDTH, 1 - y / HEIGHT, s, **kw)
+        # texts come from files (names, descriptions, reasons): a "$" is a dollar sign
+        self.fig.text(x / WIDTH, 1 - y / HEIGHT, s, parse_math=False, **kw)
 
     def image(self, x: int, y: int, pixels: np.ndarray) -> None:
         self.fig.figimage(pixels, xo=x, yo=HEIGHT - y - pixels.shape[0], origin="upper")
@@ -128,10 +121,13 @@ def _zero_shot(c: _Canvas, e: Explanation, names: list[str]) -> None:
     colors = ["tab:blue" if k == e.final[0] else "lightgray" for k, _ in e.zero_shot][::-1]
     ax.barh(range(len(values)), values, color=colors)
     ax.set_yticks(range(len(values)), labels, fontsize=9)
+    for label in ax.get_yticklabels():
+        label.set_parse_math(False)
     ax.set_xlim(0, 1)
     ax.tick_params(axis="x", labelsize=8)
     for i, v in enumerate(values):
         ax.text(min(v, 0.75) + 0.02, i, f"{v:.3f}", va="center", fontsize=8)
+    c.text(190, 750, "blue: RA-TTA's decision", size=8, color="dimgray")
 
 
 def _decision(c: _Canvas, e: Explanation, names: list[str]) -> None:
