@@ -39,6 +39,22 @@ def run(*argv: str | Path) -> None:
     assert main([str(a) for a in argv]) == 0
 
 
+def build_db(images: Path, out: Path, tiny_clip) -> None:
+    """``ratta db build`` of a folder or shard with the tiny model."""
+    run(
+        "db",
+        "build",
+        "--images",
+        images,
+        "--out",
+        out,
+        "--workers",
+        "0",
+        "--quiet",
+        *tiny_args(tiny_clip),
+    )
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_clip) -> dict[str, Path]:
     """DTD (3 classes x 3 images), a 24-image database with captions, features, text and
@@ -63,9 +79,7 @@ def files(tmp_path_factory, tiny_clip) -> dict[str, Path]:
         "predictions": root / "predictions.safetensors",
     }
     model = tiny_args(tiny_clip)
-    run(
-        "db", "build", "--images", photos, "--out", paths["db"], "--workers", "0", "--quiet", *model
-    )
+    build_db(photos, paths["db"], tiny_clip)
     run(*extract_argv(tiny_clip, data, "--views", "4", "--out", paths["features"]))
     run(
         "text",
@@ -262,18 +276,7 @@ def test_unreadable_and_missing_images_become_placeholders(
     photos = tmp_path / "photos"
     write_images(photos, 4, seed=1)
     db = tmp_path / "db"
-    run(
-        "db",
-        "build",
-        "--images",
-        photos,
-        "--out",
-        db,
-        "--workers",
-        "0",
-        "--quiet",
-        *tiny_args(tiny_clip),
-    )
+    build_db(photos, db, tiny_clip)
     pred = tmp_path / "p.safetensors"
     run(*adapt_args({**files, "db": db}, pred, "--save-retrieved", "--k-s", "4"))
     (photos / "img000.png").write_bytes(b"not an image")
@@ -362,18 +365,7 @@ def test_thumbnails_from_webdataset_shards(files, tmp_path, tiny_clip) -> None:
         for i, image in enumerate(write_images(tmp_path / "src", 5, seed=3)):
             tf.add(image, arcname=f"{i:05d}{image.suffix}")
     db = tmp_path / "db"
-    run(
-        "db",
-        "build",
-        "--images",
-        shard,
-        "--out",
-        db,
-        "--workers",
-        "0",
-        "--quiet",
-        *tiny_args(tiny_clip),
-    )
+    build_db(shard, db, tiny_clip)
     pred = tmp_path / "p.safetensors"
     run(*adapt_args({**files, "db": db}, pred, "--save-retrieved", "--k-s", "5"))
     out = tmp_path / "explain"

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ratta.cli.options import bars, command
+from ratta.cli.options import bars, command, out_quiet_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,9 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", required=True, help="the features file adapt read")
     p.add_argument("--text", required=True, help="the text file adapt read")
     p.add_argument("--db", required=True, help="the database adapt read (.npy or a folder)")
-    p.add_argument(
-        "--out", required=True, help="folder for image-<row>.png, index.html and explain.json"
-    )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--images",
@@ -57,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="csv datasets: file with one class name per line, in label order",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    out_quiet_args(p, "folder for image-<row>.png, index.html and explain.json", "no progress bar")
 
 
 def _run_explain(args: argparse.Namespace) -> int:

@@ -77,7 +77,7 @@ def explain(
                 bar.update()
         notes = list(dict.fromkeys(drawn))  # a row retrieved for two classes: one note
         what = (
-            f"{len(rows)} of the {len(evidence.changed_rows())} test images where RA-TTA "
+            f"{len(rows)} of the {len(evidence.changed_rows)} test images where RA-TTA "
             "and zero-shot disagree"
             if changed
             else f"{len(rows)} chosen test images"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from ratta.db import inspect_database
 from ratta.errors import RattaInputError
 from ratta.explain.pictures import DatabasePictures, Picture
 from ratta.files import FeatureReader, TextFeatures, load_text
-from ratta.files.predictions import Predictions, load_predictions
+from ratta.files.predictions import PROBABILITIES, Predictions, load_predictions
 from ratta.guard import Read
 
 TOP_ZERO_SHOT = 5
@@ -131,13 +132,16 @@ class Evidence:
     def config(self) -> dict[str, Any]:
         return {**RATTAConfig().to_dict(), **self.predictions.config}
 
+    @cached_property
     def changed_rows(self) -> list[int]:
         """The rows where RA-TTA's top-1 differs from zero-shot's."""
-        t = self.predictions.tensors
-        return (t["final"].argmax(1) != t["zero_shot"].argmax(1)).nonzero().flatten().tolist()
+        preds = self.predictions
+        return (preds.top1("final") != preds.top1("zero_shot")).nonzero().flatten().tolist()
 
     def explain(self, row: int) -> Explanation:
         t = {key: value[row] for key, value in self.predictions.tensors.items()}
+        for key in PROBABILITIES:
+            t[key] = self.predictions.rows(key, row, row + 1)[0]
         names = self.class_names
         order = sorted(
             zip(t["top_descriptions"].tolist(), t["top_description_scores"].tolist(), strict=True),
@@ -334,5 +338,5 @@ def select_rows(
             raise RattaInputError(f"--images: {', '.join(map(str, twice))} given twice")
         rows = list(images)
     else:
-        rows = evidence.changed_rows()
+        rows = evidence.changed_rows
     return rows[:limit] if limit is not None else rows

@@ -52,24 +52,20 @@ class FeatureReader:
             raise RattaInputError(f"{self.path}: key 'image' holds no test images")
         self.num_views = view_shape[1]
         self.renormalised = {"image": 0, "views": 0}
-        self.labels: Tensor | None = None
-        if "labels" in keys:
-            shape, dtype = key_layout(self._file, self.path, "labels", keys)
-            expect_layout(self.path, "labels", shape, dtype, 1, (torch.int64,), "[N]")
-            if shape[0] != self.num_images:
-                raise RattaInputError(
-                    f"{self.path}: key 'labels' has {shape[0]} entries for {self.num_images} images"
-                )
-            self.labels = self._file.get_tensor("labels")
-        self.index: Tensor | None = None
-        if "index" in keys:
-            shape, dtype = key_layout(self._file, self.path, "index", keys)
-            expect_layout(self.path, "index", shape, dtype, 1, (torch.int64,), "[N]")
-            if shape[0] != self.num_images:
-                raise RattaInputError(
-                    f"{self.path}: key 'index' has {shape[0]} entries for {self.num_images} images"
-                )
-            self.index = self._file.get_tensor("index")
+        self.labels = self._per_image("labels", keys)
+        self.index = self._per_image("index", keys)
+
+    def _per_image(self, key: str, keys: set[str]) -> Tensor | None:
+        """The optional [N] int64 key (``labels``, ``index``), checked."""
+        if key not in keys:
+            return None
+        shape, dtype = key_layout(self._file, self.path, key, keys)
+        expect_layout(self.path, key, shape, dtype, 1, (torch.int64,), "[N]")
+        if shape[0] != self.num_images:
+            raise RattaInputError(
+                f"{self.path}: key '{key}' has {shape[0]} entries for {self.num_images} images"
+            )
+        return self._file.get_tensor(key)
 
     @property
     def source(self) -> dict[str, Any]:

@@ -37,22 +37,40 @@ _RETRIEVED: dict[str, tuple[tuple[torch.dtype, ...], tuple[str, ...]]] = {
 }
 
 
+# The [N, C] probabilities are read by rows, on demand (ImageNet: 200 MB each); the
+# per-image diagnostics, a few values per image, are read whole.
+PROBABILITIES = ("zero_shot", "retrieval", "final")
+_ROWS_PER_READ = 4096
+
+
 @dataclass
 class Predictions:
-    """A predictions file, read whole (tensors by key), with its class names and settings."""
+    """A checked predictions file: its diagnostics (``tensors``: every key but the
+    probabilities), class names and settings; :meth:`rows` reads probabilities."""
 
     path: Path
+    num_images: int
     tensors: dict[str, Tensor]
     class_names: list[str]
     config: dict[str, object]
 
     @property
-    def num_images(self) -> int:
-        return self.tensors["final"].shape[0]
-
-    @property
     def labels(self) -> Tensor | None:
         return self.tensors.get("labels")
+
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows start..stop-1 of the probabilities ``key`` (:data:`PROBABILITIES`)."""
+        with open_safetensors(self.path) as f:
+            return f.get_slice(key)[start:stop]
+
+    def top1(self, key: str) -> Tensor:
+        """[N] the most probable class of every image under ``key``, read by blocks."""
+        return torch.cat(
+            [
+                self.rows(key, start, start + _ROWS_PER_READ).argmax(1)
+                for start in range(0, self.num_images, _ROWS_PER_READ)
+            ]
+        )
 
 
 def load_predictions(path: str | os.PathLike[str], *, retrieved: bool = False) -> Predictions:
@@ -79,7 +97,7 @@ def load_predictions(path: str | os.PathLike[str], *, retrieved: bool = False) -
                     raise RattaInputError(
                         f"{p}: key '{key}' has {name} = {size} but '{known[1]}' has {known[0]}"
                     )
-        tensors = {key: f.get_tensor(key) for key in layout}
+        tensors = {key: f.get_tensor(key) for key in layout if key not in PROBABILITIES}
         meta = f.metadata() or {}
     try:
         names = json.loads(meta.get("class_names", ""))
@@ -96,4 +114,4 @@ def load_predictions(path: str | os.PathLike[str], *, retrieved: bool = False) -
         values = tensors.get(key, torch.zeros(0))
         if values.numel() and (int(values.min()) < low or int(values.max()) >= high):
             raise RattaInputError(f"{p}: key '{key}' has values outside [{low}, {high - 1}]")
-    return Predictions(p, tensors, [str(n) for n in names], config)
+    return Predictions(p, sizes["N"][0], tensors, [str(n) for n in names], config)
