@@ -949,6 +949,36 @@ def test_templates_only_uses_the_dataset_templates(tmp_path: Path, capsys) -> No
     assert "wrote" in capsys.readouterr().out
 
 
+def test_a_crash_before_the_manifest_leaves_no_manifest_of_other_bytes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A run killed between the JSON and its manifest: no manifest of the earlier run lies
+    beside the new JSON; the rerun writes the manifest of the new bytes."""
+    import ratta.describe.loop as loop
+
+    classes = write_classes(tmp_path / "c.txt", ["banded", "woven"])
+    out = tmp_path / "dtd.json"
+    manifest = Path(f"{out}.manifest.json")
+    argv = ["describe", "--classes", str(classes), "--out", str(out), "--templates-only"]
+    assert main([*argv, "--kind", "textures"]) == 0
+    real = loop.write_json
+
+    def crash_on_manifest(path, value) -> None:
+        if Path(path) == manifest:
+            raise KeyboardInterrupt
+        real(path, value)
+
+    monkeypatch.setattr(loop, "write_json", crash_on_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        loop.describe(["banded", "woven"], out, kind="satellite", templates=["{}."])
+    assert json.loads(out.read_text()) == {"banded": ["banded."], "woven": ["woven."]}
+    assert not manifest.exists()
+    monkeypatch.setattr(loop, "write_json", real)
+    assert main([*argv, "--kind", "textures"]) == 0
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert json.loads(manifest.read_text())["output"]["sha256"] == sha
+
+
 def test_templates_only_without_dataset_uses_generic_templates_of_the_kind(
     tmp_path: Path,
 ) -> None:

@@ -357,7 +357,11 @@ def _write_outputs(
     out: Path, cupl: dict[str, list[str]], manifest: dict[str, Any]
 ) -> dict[str, Any]:
     """The CuPL JSON, then its manifest (which carries the JSON's sha256). Neither holds a
-    date or a figure of the run: a resumed run writes the same bytes."""
+    date or a figure of the run: a resumed run writes the same bytes.
+
+    A manifest of an earlier run goes first: a kill between the two writes leaves the JSON
+    without a manifest (the rerun writes it), never beside one describing other bytes."""
+    manifest_path(out).unlink(missing_ok=True)
     write_json(out, cupl)
     manifest = {
         "produced_by": f"ratta describe {__version__}",
