@@ -39,6 +39,7 @@ from ratta.peers import (
     zero,
 )
 from ratta.peers.common import run_stream
+from ratta.peers.prompts import paper_classifier_prompts
 from ratta.presets import PRESETS
 from ratta.synthetic import make_world
 
@@ -428,13 +429,22 @@ def test_prompts_per_method_and_dataset() -> None:
     ]
     assert len(peer_prompts("tda", "imagenet_sketch", ["goldfish"])[0]) == 80
     assert peer_prompts("tda", "cub200", ["wren"]) == peer_prompts("tda", "imagenet", ["wren"])
-    cupl = {"Banded": ["Stripes of colour.", "Bands."]}
-    dmn_rows = peer_prompts("dmn", "dtd", ["banded"], cupl)
-    assert dmn_rows == [["banded texture.", "Stripes of colour.", "Bands."]]
+    sentences = [["Stripes of colour.", "Bands."], None]
+    dmn_rows = peer_prompts("dmn", "dtd", ["banded", "dotted"], sentences)
+    assert dmn_rows == [
+        ["banded texture.", "Stripes of colour.", "Bands."],
+        ["dotted texture."],  # a class without sentences (--allow-missing): its templates
+    ]
     with pytest.raises(RattaInputError, match="needs CuPL"):
         peer_prompts("dmn", "dtd", ["banded"])
-    with pytest.raises(RattaInputError, match="no descriptions"):
-        peer_prompts("dmn", "dtd", ["dotted"], cupl)
+    with pytest.raises(RattaInputError, match="for 2 classes, expected 1"):
+        peer_prompts("dmn", "dtd", ["banded"], sentences)
+    by_key = paper_classifier_prompts("dtd", ["banded", "dotted"], sentences)
+    assert by_key == {
+        "peer_dmn": dmn_rows,
+        "peer_single": peer_prompts("zero", "dtd", ["banded", "dotted"]),
+        "peer_tda": peer_prompts("tda", "dtd", ["banded", "dotted"]),
+    }
     with pytest.raises(RattaInputError, match="unknown peer"):
         peer_prompts("tent", "dtd", ["banded"])
 

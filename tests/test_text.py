@@ -171,3 +171,46 @@ def test_baseline_classifiers_match_open_clip(
         )
     assert bool(((text.baselines["single_template"] * single).sum(1) >= 0.999).all())
     assert bool(((text.baselines["template_ensemble"] * ensemble).sum(1) >= 0.999).all())
+
+
+def test_peer_classifiers_match_open_clip_and_each_text_is_encoded_once(
+    tiny_backbone, tiny_clip, desc_file, tmp_path, monkeypatch
+) -> None:
+    dtd = get_preset("dtd")
+    encoded: list[str] = []
+    real = tiny_backbone.encode_texts
+
+    def counting(texts, *args, **kwargs):
+        encoded.extend(texts)
+        return real(texts, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_backbone, "encode_texts", counting)
+    out = tmp_path / "text.safetensors"
+    summary = build_text_features(
+        NAMES, desc_file, dtd.templates, dtd.pre, tiny_backbone, out, peers="dtd"
+    )
+    assert len(encoded) == len(set(encoded)) == summary["texts_encoded"]
+    text = load_text(out)
+    assert sorted(text.baselines) == [
+        "peer_dmn",
+        "peer_single",
+        "peer_tda",
+        "single_template",
+        "template_ensemble",
+    ]
+    model = open_clip.create_model("tiny-clip", pretrained=str(tiny_clip["checkpoint"])).eval()
+    tok = open_clip.get_tokenizer("tiny-clip")
+    own = [DESCRIPTIONS["banded"], DESCRIPTIONS["blotchy"], DESCRIPTIONS["woven_fabric"]]
+    with torch.no_grad():
+        for c, name in enumerate(NAMES):
+            for key, texts in (
+                ("peer_single", [f"a photo of a {name}."]),
+                ("peer_tda", [f"{name} texture."]),
+                ("peer_dmn", [f"{name} texture.", *own[c]]),  # TDA's template + CuPL
+            ):
+                emb = F.normalize(model.encode_text(tok(texts)), dim=-1)
+                w = F.normalize(emb.mean(0), dim=0)
+                assert float(w @ text.baselines[key][c]) >= 0.999, (key, name)
+    # without a dataset for the peers (a library call), only the two CLIP baselines
+    build_text_features(NAMES, desc_file, dtd.templates, dtd.pre, tiny_backbone, out)
+    assert sorted(load_text(out).baselines) == ["single_template", "template_ensemble"]

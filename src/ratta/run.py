@@ -9,7 +9,7 @@ changes the numbers (see :mod:`ratta.identity` for the rules and their cost):
   listing (relative paths, labels, class names), the sha256 of its split files, every
   image's size and modification time, and the data root's resolved path;
 - text: ratta's text format, the backbone, class names, templates, prefix, the descriptions
-  file's sha256 and ``allow_missing``.
+  file's sha256, ``allow_missing`` and the templates of the peers' paper classifiers.
 
 A rerun, or a change of adaptation hyperparameters, reuses them without loading the
 backbone; ``force`` recomputes them. ``results.json`` records the identities, and a rerun
@@ -49,6 +49,7 @@ from ratta.extract import ExtractSettings, extract_features
 from ratta.files import write_json, write_text_atomic
 from ratta.guard import Read, Write, claim, output_files
 from ratta.identity import changes, database_identity, file_sha256, files_stamp, key_of
+from ratta.peers.prompts import paper_templates
 from ratta.presets import DatasetPreset, get_preset
 from ratta.progress import Progress, within
 from ratta.summary import format_results
@@ -68,8 +69,8 @@ if TYPE_CHECKING:
 CUSTOM_PRESET = "caltech101"
 # Formats of the cached files; bumped when their content or identity rules change, so that
 # caches of an older ratta are recomputed (text 2: baseline classifiers; 3 and features 2:
-# content identities).
-TEXT_FORMAT = 3
+# content identities; text 4: the peers' paper classifiers).
+TEXT_FORMAT = 4
 FEATURES_FORMAT = 2
 RESULT_FILES = ("results.json", "results.md")
 
@@ -216,6 +217,7 @@ def plan_run(
         "pre": pre.pre,
         "descriptions": file_sha256(desc_path, "--descriptions"),
         "allow_missing": allow_missing,
+        "peer_templates": paper_templates(pre.name),
     }
     rows = [len(d) + 1 if d else len(pre.templates) + 1 for d in per_class]
     reads = [
@@ -402,6 +404,7 @@ def run(
                 reads=plan.reads,
                 progress=within(progress, "text"),
                 tf32=tf32,
+                peers=plan.preset.name,
             )
 
         stages: dict[str, float] = {}

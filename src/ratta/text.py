@@ -3,7 +3,9 @@
 W_c = normalise(mean_t normalise(g(t))) over every hand template of the dataset filled with
 the class name and every raw description of the class (the CuPL classifier); the description
 rows of class c are ``pre.format(name) + desc`` for each description, then the bare
-``pre.format(name)`` without its trailing space.
+``pre.format(name)`` without its trailing space. Zero-shot classifiers to compare against are
+stored beside it (:func:`baseline_prompts`): CLIP's single template, the hand-template
+ensemble, and the paper classifiers of the training-free peers (``ratta.peers``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ratta.devices import compute_info, numerics
 from ratta.errors import RattaInputError
 from ratta.files import TextFeatures, atomic_path, save_text, write_json
 from ratta.guard import Read, Write, guarded, output_files
+from ratta.peers.prompts import paper_classifier_prompts
 from ratta.progress import Progress, progress_bar
 from ratta.provenance import stamp
 
@@ -153,53 +156,56 @@ def compose_prompts(
     return TextPrompts(cls_texts, desc_texts)
 
 
-def encode_prompts(
-    prompts: TextPrompts, backbone: Backbone, on_batch: Callable[[int], object] | None = None
-) -> tuple[torch.Tensor, ...]:
-    """(classifier [C, d], desc [M, d], desc_class [M]) from the composed texts.
+class TextEncoder:
+    """g(t) of texts, L2-normalised, each distinct text encoded once per text stage (the CuPL
+    sentences of DMN-ZS's classifier are the CuPL classifier's, the single template of the
+    CLIP baseline often ZERO's).
 
     ``on_batch(n)``: called after each batch of n texts encoded.
     """
-    flat_cls = [t for texts in prompts.classifier_texts for t in texts]
-    emb = backbone.encode_texts(flat_cls, on_batch=on_batch)
-    owner = torch.repeat_interleave(
-        torch.arange(len(prompts.classifier_texts)),
-        torch.tensor([len(t) for t in prompts.classifier_texts]),
-    )
-    sums = torch.zeros(len(prompts.classifier_texts), emb.shape[1]).index_add_(0, owner, emb)
-    counts = torch.bincount(owner, minlength=len(prompts.classifier_texts)).unsqueeze(1)
-    classifier = F.normalize(sums / counts, dim=-1)
-    desc = backbone.encode_texts(prompts.desc_rows, on_batch=on_batch)
-    desc_class = torch.repeat_interleave(
-        torch.arange(len(prompts.desc_texts)),
-        torch.tensor([len(t) for t in prompts.desc_texts]),
-    )
-    return classifier, desc, desc_class
+
+    def __init__(self, backbone: Backbone, on_batch: Callable[[int], object] | None = None) -> None:
+        self.backbone = backbone
+        self.on_batch = on_batch
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """[T, d], one row per text (repeated texts repeat their row)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self.seen]
+        if new:
+            emb = self.backbone.encode_texts(new, on_batch=self.on_batch)
+            self.seen.update(zip(new, emb, strict=True))
+        return torch.stack([self.seen[t] for t in texts])
+
+    def classifier(self, prompts: Sequence[Sequence[str]]) -> torch.Tensor:
+        """[C, d]: row c = normalise(mean_t g(t)) over class c's prompts."""
+        return F.normalize(torch.stack([self.encode(texts).mean(0) for texts in prompts]), dim=-1)
 
 
 SINGLE_TEMPLATE = "a photo of a {}."
 
 
-def baseline_classifiers(
+def baseline_prompts(
     class_names: Sequence[str],
     templates: Sequence[str],
-    backbone: Backbone,
-    on_batch: Callable[[int], object] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Zero-shot CLIP classifiers to compare against: one template, and the hand templates.
+    peers: str | None = None,
+    sentences: Sequence[Sequence[str] | None] = (),
+) -> dict[str, list[list[str]]]:
+    """Per class, the prompts of the zero-shot classifiers to compare against.
 
-    ``single_template``: g('a photo of a {name}.'); ``template_ensemble``: the normalised mean
-    of the dataset's filled hand templates (CLIP's prompt ensembling). Both [C, d].
+    ``single_template``: 'a photo of a {name}.'; ``template_ensemble``: the dataset's hand
+    templates (CLIP's prompt ensembling). With ``peers`` (a dataset name), also the paper
+    classifiers of the training-free peers on it (:func:`ratta.peers.prompts.
+    paper_classifier_prompts`: ``peer_single``, ``peer_tda``, ``peer_dmn``, the last with
+    ``sentences``, each class's CuPL sentences).
     """
-    single = backbone.encode_texts(
-        [SINGLE_TEMPLATE.format(n) for n in class_names], on_batch=on_batch
-    )
-    filled = TextPrompts([[t.format(n) for t in templates] for n in class_names], [])
-    sums = backbone.encode_texts(
-        [t for texts in filled.classifier_texts for t in texts], on_batch=on_batch
-    )
-    ensemble = F.normalize(sums.view(len(class_names), len(templates), -1).mean(1), dim=-1)
-    return {"single_template": single, "template_ensemble": ensemble}
+    prompts = {
+        "single_template": [[SINGLE_TEMPLATE.format(n)] for n in class_names],
+        "template_ensemble": [[t.format(n) for t in templates] for n in class_names],
+    }
+    if peers is not None:
+        prompts |= paper_classifier_prompts(peers, class_names, sentences)
+    return prompts
 
 
 def _plan(
@@ -227,9 +233,13 @@ def build_text_features(
     reads: Sequence[Read] = (),
     progress: Progress = False,
     tf32: bool = False,
+    peers: str | None = None,
 ) -> dict[str, Any]:
     """Write the text features file ``out`` (and ``out.json``); returns the summary.
 
+    Besides the CuPL classifier and the description rows, the file holds the baseline
+    classifiers of :func:`baseline_prompts` (``baseline_<name>``); ``peers``: the dataset
+    whose peers' paper classifiers are added (its name, or its preset's for custom data).
     ``reads``: further inputs no output may replace (the files the class names came from).
     ``progress``: a bar over the texts encoded (see :mod:`ratta.progress`). ``tf32``: on
     CUDA, let float32 products round to TF32 (off by default,
@@ -242,11 +252,17 @@ def build_text_features(
         class_names, descriptions, str(descriptions_file), allow_missing
     )
     prompts = compose_prompts(class_names, per_class, templates, pre)
-    texts = sum(len(t) for t in (*prompts.classifier_texts, *prompts.desc_texts))
-    texts += len(class_names) * (1 + len(templates))  # the baselines
+    extra = baseline_prompts(class_names, templates, peers, per_class)
+    groups = [prompts.classifier_texts, prompts.desc_texts, *extra.values()]
+    texts = len({t for group in groups for rows in group for t in rows})
     with numerics(tf32), progress_bar(progress, "text", total=texts, unit="text") as bar:
-        classifier, desc, desc_class = encode_prompts(prompts, backbone, bar.update)
-        baselines = baseline_classifiers(class_names, templates, backbone, bar.update)
+        encoder = TextEncoder(backbone, bar.update)
+        classifier = encoder.classifier(prompts.classifier_texts)
+        desc = encoder.encode(prompts.desc_rows)
+        baselines = {name: encoder.classifier(rows) for name, rows in extra.items()}
+    desc_class = torch.repeat_interleave(
+        torch.arange(len(class_names)), torch.tensor([len(t) for t in prompts.desc_texts])
+    )
     desc_hash = hashlib.sha256(Path(descriptions_file).read_bytes()).hexdigest()
     info = {
         "backbone": backbone.identity(tf32),
@@ -255,6 +271,7 @@ def build_text_features(
         "templates": list(templates),
         "pre": pre,
         "missing_classes": missing,
+        "peers": peers,
         **(metadata or {}),
     }
     text = TextFeatures(
@@ -273,6 +290,8 @@ def build_text_features(
         "classes": len(class_names),
         "description_rows": int(desc.shape[0]),
         "classifier_texts": sum(len(t) for t in prompts.classifier_texts),
+        "baselines": {name: sum(map(len, rows)) for name, rows in extra.items()},
+        "texts_encoded": texts,
         "logit_scale": text.logit_scale,
         "compute": compute_info(backbone.device, backbone.precision, tf32),
         **info,

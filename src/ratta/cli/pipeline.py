@@ -142,6 +142,7 @@ def _run_text(args: argparse.Namespace) -> int:
         reads=split.reads(),
         progress=bars(args, "text"),
         tf32=args.tf32,
+        peers=preset.name,
     )
     print(
         f"{summary['classes']} classes, {summary['description_rows']} description rows, "

@@ -25,9 +25,11 @@ class TextFeatures:
     """Zero-shot classifier W [C, d], descriptions T [M, d] with owners [M], scale s, names.
 
     ``baselines`` holds optional extra zero-shot classifiers [C, d] for evaluation (stored as
-    ``baseline_<name>``): ``single_template`` ('a photo of a {}.') and ``template_ensemble``
-    (the dataset's hand templates only). ``desc_texts``: the text each row of ``desc``
-    encodes, if known (files written before it was stored, generated worlds: ``None``).
+    ``baseline_<name>``): ``single_template`` ('a photo of a {}.'), ``template_ensemble``
+    (the dataset's hand templates only) and the peers' paper classifiers ``peer_single``
+    (ZERO, MTA), ``peer_tda`` (TDA, BoostAdapter) and ``peer_dmn`` (DMN-ZS). ``desc_texts``:
+    the text each row of ``desc`` encodes, if known (files written before it was stored,
+    generated worlds: ``None``).
     """
 
     classifier: Tensor

@@ -11,12 +11,11 @@ published prompts (Caltech256, CUB200, RESISC45) get ImageNet's, as their other 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from ratta.errors import RattaInputError
 from ratta.peers.defaults import CACHE_SETTINGS, FALLBACK
 from ratta.presets import CLIP_SEVEN_TEMPLATES, IMAGENET_TEMPLATES, get_preset
-from ratta.text import match_descriptions
 
 # ZERO: "{ctx_init} {name}." with ctx_init a_photo_of_a; MTA: CoOp's prompt from the same init.
 SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)
@@ -76,19 +75,18 @@ DMN_CUPL_FILES: dict[str, str] = {
 }
 
 
-def peer_prompts(
-    method: str,
-    dataset: str,
-    class_names: Sequence[str],
-    cupl: Mapping[str, list[str]] | None = None,
-) -> list[list[str]]:
-    """Per class (in label order), the prompts of ``method``'s paper classifier on ``dataset``.
+# The text file key (``baseline_<key>``) of each peer's paper classifier: ZERO and MTA share
+# CLIP's single template, BoostAdapter TDA's templates.
+PAPER_CLASSIFIERS: dict[str, str] = {
+    "zero": "peer_single",
+    "mta": "peer_single",
+    "tda": "peer_tda",
+    "boost": "peer_tda",
+    "dmn": "peer_dmn",
+}
 
-    Class names have "_" replaced by spaces, as the official codes do. DMN-ZS appends the
-    class's CuPL sentences from ``cupl`` (class name -> sentences; matched exactly or
-    ignoring case and "_"); a class without sentences is an error.
-    """
-    get_preset(dataset)
+
+def _templates(method: str, dataset: str) -> tuple[str, ...]:
     key = dataset if dataset in CACHE_SETTINGS else FALLBACK
     by_method = {
         "zero": SINGLE_TEMPLATE,
@@ -99,15 +97,56 @@ def peer_prompts(
     }
     if method not in by_method:
         raise RattaInputError(f"unknown peer '{method}' (known: {', '.join(by_method)})")
-    templates = by_method[method]
+    return by_method[method]
+
+
+def paper_templates(dataset: str) -> dict[str, list[str]]:
+    """The templates of every peer's paper classifier on ``dataset``, by text file key (what
+    identifies them; DMN-ZS adds the CuPL sentences)."""
+    get_preset(dataset)
+    return {key: list(_templates(m, dataset)) for m, key in PAPER_CLASSIFIERS.items()}
+
+
+def peer_prompts(
+    method: str,
+    dataset: str,
+    class_names: Sequence[str],
+    sentences: Sequence[Sequence[str] | None] | None = None,
+) -> list[list[str]]:
+    """Per class (in label order), the prompts of ``method``'s paper classifier on ``dataset``.
+
+    Class names have "_" replaced by spaces, as the official codes do. DMN-ZS appends each
+    class's CuPL sentences: ``sentences`` holds them per class, in label order (None or empty
+    for a class without any: its templates only).
+    """
+    get_preset(dataset)
+    templates = _templates(method, dataset)
     names = [name.replace("_", " ") for name in class_names]
     prompts = [[t.format(name) for t in templates] for name in names]
     if method == "dmn":
-        if cupl is None:
+        if sentences is None:
+            paper = DMN_CUPL_FILES.get(dataset, DMN_CUPL_FILES[FALLBACK])
             raise RattaInputError(
-                f"DMN-ZS's classifier needs CuPL sentences ({DMN_CUPL_FILES[key]} in its paper)"
+                f"DMN-ZS's classifier needs CuPL sentences ({paper} in its paper)"
             )
-        found, _ = match_descriptions(names, dict(cupl), f"CuPL sentences for {dataset}")
-        for rows, sentences in zip(prompts, found, strict=True):
-            rows.extend(sentences or ())
+        if len(sentences) != len(names):
+            raise RattaInputError(
+                f"DMN-ZS's classifier: CuPL sentences for {len(sentences)} classes, "
+                f"expected {len(names)}"
+            )
+        for rows, own in zip(prompts, sentences, strict=True):
+            rows.extend(own or ())
     return prompts
+
+
+def paper_classifier_prompts(
+    dataset: str,
+    class_names: Sequence[str],
+    sentences: Sequence[Sequence[str] | None],
+) -> dict[str, list[list[str]]]:
+    """The prompts of every peer's paper classifier, by text file key (PAPER_CLASSIFIERS)."""
+    methods = {key: method for method, key in PAPER_CLASSIFIERS.items()}  # same prompts
+    return {
+        key: peer_prompts(method, dataset, class_names, sentences)
+        for key, method in sorted(methods.items())
+    }
