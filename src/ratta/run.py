@@ -141,14 +141,15 @@ def split_identity(split: Split) -> dict[str, Any]:
 
 @dataclass
 class Plan:
-    """What one run will compute, all checked before any expensive stage."""
+    """What one run will compute, all checked before any expensive stage (``database``:
+    None for a run that only needs the features and the text, such as the peers')."""
 
     split: Split
     preset: DatasetPreset
     descriptions: Path
     features: dict[str, Any]
     text: dict[str, Any]
-    database: dict[str, Any]
+    database: dict[str, Any] | None
     config: RATTAConfig
     reads: list[Read]
     no_candidates: str | None = None
@@ -163,7 +164,7 @@ class Plan:
 def plan_run(
     dataset: str,
     data_root: str | os.PathLike[str],
-    db: str | os.PathLike[str],
+    db: str | os.PathLike[str] | None,
     *,
     spec: BackboneSpec,
     settings: ExtractSettings,
@@ -180,7 +181,7 @@ def plan_run(
 
     ``device`` is where images are encoded; text is encoded there too, except ``on_ray``,
     where the driver encodes it on its CPU. ``tf32``: TF32 allowed on CUDA (``--tf32``), part
-    of the backbone's identity there.
+    of the backbone's identity there. ``db`` None: no database (no adaptation planned).
     """
     from ratta.datasets import load_split
     from ratta.db import inspect_database
@@ -193,9 +194,9 @@ def plan_run(
         split.class_names, load_descriptions(desc_path), str(desc_path), allow_missing
     )
     check_precision(spec, device)
-    header = inspect_database(db)
     dim = embed_dim(spec)
-    if dim is not None and header.dim != dim:
+    header = inspect_database(db) if db is not None else None
+    if header is not None and dim is not None and header.dim != dim:
         raise RattaInputError(
             f"--db {db}: database rows have dimension {header.dim} but the backbone "
             f"{spec.model or spec.model_config} embeds in {dim}"
@@ -223,7 +224,7 @@ def plan_run(
     reads = [
         *split.reads(),
         *Read.of(desc_path, "--descriptions"),
-        *Read.of(db, "--db"),
+        *(Read.of(db, "--db") if db is not None else []),
         *spec.reads(),
     ]
     return Plan(
@@ -232,7 +233,7 @@ def plan_run(
         desc_path,
         features,
         text,
-        database_identity(db),
+        database_identity(db) if db is not None else None,
         config,
         reads,
         no_candidates_reason(rows, config),
@@ -297,6 +298,97 @@ def cached(
             return True
         compute()
         return False
+
+
+def input_writes(plan: Plan, cache: Path) -> list[Write]:
+    """The cache entries of a plan's features and text (and their summaries)."""
+    return [
+        *output_files(plan.features_path(cache), "--cache features"),
+        *output_files(plan.text_path(cache), "--cache text")[:2],
+    ]
+
+
+@dataclass
+class Inputs:
+    """A run's features and text files in the cache, whether each was reused, and the
+    seconds of the stages that made them (``extract``, ``text``)."""
+
+    features: Path
+    text: Path
+    features_reused: bool
+    text_reused: bool
+    seconds: dict[str, float]
+    backbone_loaded: bool
+
+
+def cached_inputs(
+    dataset: str,
+    plan: Plan,
+    cache: Path,
+    *,
+    backbone: BackboneSpec,
+    settings: ExtractSettings,
+    device: str = "cpu",
+    batch_size: int = 8,
+    forward_batch: int = 256,
+    workers: int = 2,
+    allow_missing: bool = False,
+    progress: Progress = False,
+    backend: RayBackend | None = None,
+    force: bool = False,
+    tf32: bool = False,
+    loaded: Loaded | None = None,
+) -> Inputs:
+    """Extract the features and encode the text of ``plan`` into ``cache``, or reuse them.
+
+    The backbone is loaded only when one of them is computed. Arguments as :func:`run`'s.
+    """
+    features, text = plan.features_path(cache), plan.text_path(cache)
+    with claim(input_writes(plan, cache), plan.reads):
+        lazy = _LazyBackbone(backbone, "cpu" if backend is not None else device, device, loaded)
+        split = plan.split
+
+        def extract() -> None:
+            extract_features(
+                [p for p, _ in split.items],
+                [y for _, y in split.items],
+                lazy.get(),
+                features,
+                settings,
+                batch_size=batch_size,
+                forward_batch=forward_batch,
+                workers=workers,
+                metadata={"dataset": dataset, "split": split.fingerprint()},
+                progress=within(progress, "extract"),
+                backend=backend,
+                reads=plan.reads,
+                tf32=tf32,
+            )
+
+        def encode_text() -> None:
+            build_text_features(
+                split.class_names,
+                plan.descriptions,
+                plan.preset.templates,
+                plan.preset.pre,
+                lazy.get(),
+                text,
+                allow_missing=allow_missing,
+                metadata={"dataset": dataset},
+                reads=plan.reads,
+                progress=within(progress, "text"),
+                tf32=tf32,
+                peers=plan.preset.name,
+            )
+
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        feat_hit = cached(features, "--cache features", plan.reads, force, extract)
+        seconds["extract"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        text_hit = cached(text, "--cache text", plan.reads, force, encode_text)
+        seconds["text"] = time.perf_counter() - t0
+    return Inputs(features, text, feat_hit, text_hit, seconds, lazy.loaded is not None)
 
 
 def run(
@@ -365,55 +457,30 @@ def run(
         Write(out, "--out", "folder"),
         *output_files(out / "predictions.safetensors", "--out predictions"),
         *(Write(out / name, "--out results") for name in RESULT_FILES),
-        *output_files(features, "--cache features"),
-        *output_files(text, "--cache text")[:2],
+        *input_writes(plan, root),
     ]
     with claim(writes, plan.reads):
-        lazy = _LazyBackbone(spec, "cpu" if backend is not None else device, device, loaded)
         started = time.perf_counter()
         previous = _previous(out)
-        split = plan.split
-
-        def extract() -> None:
-            extract_features(
-                [p for p, _ in split.items],
-                [y for _, y in split.items],
-                lazy.get(),
-                features,
-                settings,
-                batch_size=batch_size,
-                forward_batch=forward_batch,
-                workers=workers,
-                metadata={"dataset": dataset, "split": split.fingerprint()},
-                progress=within(progress, "extract"),
-                backend=backend,
-                reads=plan.reads,
-                tf32=tf32,
-            )
-
-        def encode_text() -> None:
-            build_text_features(
-                split.class_names,
-                plan.descriptions,
-                plan.preset.templates,
-                plan.preset.pre,
-                lazy.get(),
-                text,
-                allow_missing=allow_missing,
-                metadata={"dataset": dataset},
-                reads=plan.reads,
-                progress=within(progress, "text"),
-                tf32=tf32,
-                peers=plan.preset.name,
-            )
-
-        stages: dict[str, float] = {}
-        t0 = time.perf_counter()
-        feat_hit = cached(features, "--cache features", plan.reads, force, extract)
-        stages["extract"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        text_hit = cached(text, "--cache text", plan.reads, force, encode_text)
-        stages["text"] = time.perf_counter() - t0
+        inputs = cached_inputs(
+            dataset,
+            plan,
+            root,
+            backbone=spec,
+            settings=settings,
+            device=device,
+            batch_size=batch_size,
+            forward_batch=forward_batch,
+            workers=workers,
+            allow_missing=allow_missing,
+            progress=progress,
+            backend=backend,
+            force=force,
+            tf32=tf32,
+            loaded=loaded,
+        )
+        stages = dict(inputs.seconds)
+        feat_hit, text_hit = inputs.features_reused, inputs.text_reused
         if plan.no_candidates:
             warnings.warn(plan.no_candidates, RattaRunWarning, stacklevel=2)
         t0 = time.perf_counter()
@@ -435,7 +502,7 @@ def run(
         )
         stages["adapt"] = time.perf_counter() - t0
         extraction = json.loads(Path(f"{features}.json").read_text())
-        add_skipped(summary, extraction, len(split), f"{features}.json")
+        add_skipped(summary, extraction, len(plan.split), f"{features}.json")
         summary["dataset"] = dataset
         summary["identity"] = {
             "features": plan.features,
@@ -449,7 +516,7 @@ def run(
             "text": str(text),
             "text_reused": text_hit,
             "text_reason": reason(text_hit, force, previous.get("text"), plan.text),
-            "backbone_loaded": lazy.loaded is not None,
+            "backbone_loaded": inputs.backbone_loaded,
         }
         if plan.no_candidates:
             summary["warnings"] = [plan.no_candidates]
