@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ from safetensors.torch import load_file
 
 import ratta.run
 from ratta.cli import main
+from ratta.files import FeatureReader, load_text
 from ratta.metrics import expected_calibration_error
+from ratta.peers import dmn, dmn_inputs, peer_defaults, shuffled_streams, tda, tda_inputs
 from ratta.provenance import git_commit
 from ratta.summary import format_times
 
@@ -22,12 +25,19 @@ CLASSES = {
     "dtd": ["zigzagged", "banded", "woven_fabric"],
     "caltech101": ["accordion", "yin_yang", "car_side", "Faces"],
 }
-METHOD_KEYS = {
-    "clip": ("baselines", "single_template"),
-    "ensemble": ("baselines", "template_ensemble"),
-    "cupl": ("predictions", "zero_shot"),
-    "retrieval": ("predictions", "retrieval"),
-    "ratta": ("predictions", "final"),
+METHOD_KEYS = {  # (method, classifier) of the rows of RA-TTA and its baselines
+    ("clip", "single_template"),
+    ("ensemble", "template_ensemble"),
+    ("cupl", "cupl"),
+    ("retrieval", "cupl"),
+    ("ratta", "cupl"),
+}
+PEER_RUNS = {  # the peers' runs on the transfer datasets, with their streams
+    "zero": [""],
+    "mta": [""],
+    "tda": ["0", "1", "2"],
+    "boostadapter": ["0", "1", "2"],
+    "dmn_zs": ["0", "1", "2"],
 }
 
 
@@ -88,6 +98,14 @@ def reference_ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> 
     return 100 * total
 
 
+def reference_topk(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    hits = [
+        int(labels[i]) in probs[i].topk(min(k, probs.shape[1])).indices.tolist()
+        for i in range(len(labels))
+    ]
+    return 100 * sum(hits) / len(hits)
+
+
 def test_eval_reports_are_recomputable_and_rerun_does_no_work(setup, monkeypatch, capsys) -> None:
     out = setup["tmp"] / "eval"
     argv = [
@@ -107,21 +125,35 @@ def test_eval_reports_are_recomputable_and_rerun_does_no_work(setup, monkeypatch
     assert main(argv) == 0
     printed = capsys.readouterr().out.splitlines()[-1]
     rows = read_csv(out / "results.csv")
-    cells = {(r["dataset"], r["seed"], r["method"]) for r in rows}
-    assert cells == {(d, s, m) for d in CLASSES for s in ("0", "1") for m in METHOD_KEYS}
-    for r in rows:
+    cells = {(r["dataset"], r["seed"], r["method"], r["classifier"], r["stream"]) for r in rows}
+    expected = {(d, s, m, c, "") for d in CLASSES for s in ("0", "1") for m, c in METHOD_KEYS}
+    expected |= {
+        (d, s, m, c, k)
+        for d in CLASSES
+        for s in ("0", "1")
+        for c in ("paper", "cupl")
+        for m, streams in PEER_RUNS.items()
+        for k in streams
+    }
+    assert cells == expected and len(rows) == len(expected)
+    for r in rows:  # every number from the per-image file the row names
         cell = out / "cells" / r["dataset"] / f"seed-{r['seed']}"
-        kind, key = METHOD_KEYS[r["method"]]
-        probs = load_file(str(cell / f"{kind}.safetensors"))[key]
-        labels = load_file(str(cell / "predictions.safetensors"))["labels"]
-        top1 = 100 * float((probs.argmax(1) == labels).float().mean())
-        assert float(r["top1"]) == pytest.approx(top1, abs=1e-4)
+        file, key = r["probabilities"].split(":")
+        probs = load_file(str(cell / file))[key]
+        labels = load_file(str(cell / file))["labels"]
+        assert torch.equal(labels, load_file(str(cell / "predictions.safetensors"))["labels"])
+        assert float(r["top1"]) == pytest.approx(reference_topk(probs, labels, 1), abs=1e-4)
+        assert float(r["top5"]) == pytest.approx(reference_topk(probs, labels, 5), abs=1e-4)
         assert float(r["ece"]) == pytest.approx(reference_ece(probs, labels), abs=1e-3)
         assert int(r["images"]) == labels.shape[0] == 3 * len(CLASSES[r["dataset"]])
+        assert torch.allclose(probs.sum(1), torch.ones(len(labels)), atol=1e-5), r["method"]
+    labels = {r["method"]: r["label"] for r in rows}
+    assert labels["tda"] == "TDA (z0)" and labels["zero"] == "ZERO (5 of 64 inputs)"
+    assert labels["dmn_zs"] == "DMN-ZS (ratta views, 5 of 32 inputs)"
     report = json.loads((out / "results.json").read_text())
     assert report["cells_computed"] == 4 and not report["failures"]
     assert report["ratta_commit"] == git_commit()
-    stages = ("check", "extract", "text", "adapt", "baselines", "reports")
+    stages = ("check", "extract", "text", "adapt", "baselines", "peers", "reports")
     assert tuple(report["stage_seconds"]) == stages
     assert printed == format_times(report["seconds"], report["stage_seconds"])
     md = (out / "results.md").read_text()
@@ -129,6 +161,12 @@ def test_eval_reports_are_recomputable_and_rerun_does_no_work(setup, monkeypatch
     # no published figure covers these two datasets: the 13-dataset averages stay out
     average = next(line for line in md.splitlines() if line.startswith("| Average"))
     assert average.endswith("| – | – | – |") and "70.81" not in md and "73.09" not in md
+    peers = md[md.index("## RA-TTA and training-free peers") :]
+    assert "| TDA (z0) | paper |" in peers and "| TDA (z0) | CuPL |" in peers
+    assert "| TDA, published | | 94.24 | 47.40 | 70.82† |" in peers  # caltech101, dtd
+    assert "DMN-ZS, published (gamma searched on the test labels" in peers
+    assert "DMN-ZS, Δ" not in peers  # gamma = 1 is not its paper's oracle: no difference
+    assert "BoostAdapter, published (secondary sources)" in peers
     with Image.open(out / "plots" / "gain_over_cupl.png") as img:
         assert img.format == "PNG" and img.size == (800, 450)
 
@@ -142,6 +180,34 @@ def test_eval_reports_are_recomputable_and_rerun_does_no_work(setup, monkeypatch
     assert again["cells_computed"] == 0 and again["cells_reused"] == 4
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.safetensors")} == mtimes
     assert read_csv(out / "results.csv") == rows
+
+
+def test_online_peers_are_recomputable_from_the_stream_orders(setup) -> None:
+    out = setup["tmp"] / "eval"
+    argv = ["eval", "--datasets", "dtd", "--db-root", str(setup["dbs"]), "--seeds", "3"]
+    argv += ["--methods", "tda", "dmn_zs", "--streams", "2", "--out", str(out), *setup["args"]]
+    assert main(argv) == 0
+    cell = out / "cells" / "dtd" / "seed-3"
+    stored = load_file(str(cell / "peers.safetensors"))
+    n = stored["labels"].shape[0]
+    orders = shuffled_streams(n, 2, seed=3)
+    assert all(torch.equal(stored[f"order/stream-{k}"], orders[k]) for k in range(2))
+    record = json.loads((cell / "cell.json").read_text())
+    assert sorted(record["computed"]) == ["baselines", "peers"]  # no adaptation asked
+    cache = setup["tmp"] / "cache"  # the cell's features and text, the only ones there
+    text = load_text(next((cache / "text").glob("*.safetensors")))
+    reader = FeatureReader(next((cache / "features").glob("*.safetensors")))
+    x = reader.batch(0, n, views=4).float()
+    reader.close()
+    w, s = text.baselines["peer_tda"].float(), text.logit_scale
+    defaults = peer_defaults("dtd")
+    for k in range(2):
+        again = tda(tda_inputs(x, w, s, defaults.tda), orders[k], w, s, defaults.tda)
+        assert torch.allclose(again.probs, stored[f"tda/paper/stream-{k}"], atol=1e-6)
+        cfg = replace(defaults.dmn, inputs=5)
+        w_cupl = text.classifier.float()
+        again = dmn(dmn_inputs(x, w_cupl, s, cfg), orders[k], w_cupl, s, cfg)
+        assert torch.allclose(again.probs, stored[f"dmn_zs/cupl/stream-{k}"], atol=1e-6)
 
 
 def test_a_failing_dataset_does_not_stop_the_others(setup, capsys) -> None:

@@ -47,27 +47,25 @@ def plot_gain(agg: dict[str, dict[str, tuple[float, float, int]]], path: Path) -
     plt.close(fig)
 
 
-def plot_sweep(results: Sequence[dict[str, Any]], param: str, dataset: str, path: Path) -> None:
-    """Line chart: top-1 of CuPL, retrieval only and RA-TTA against one hyperparameter."""
+def plot_sweep(
+    xs: Sequence[float],
+    series: Sequence[tuple[str, Sequence[float], Sequence[float] | None, str | None]],
+    xlabel: str,
+    dataset: str,
+    path: Path,
+) -> None:
+    """Line chart: top-1 of each series (label, values, std or None, matplotlib style)
+    against one hyperparameter."""
     plt = pyplot()
-    labels = {
-        "k_d": "K_D (top descriptions)",
-        "k_s": "K_S (retrieved images per set)",
-        "quantile": "q (description-score quantile)",
-        "min_desc": "min_desc",
-        "views": "V (random views)",
-    }
-    xs = [r["value"] for r in results]
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    for key, label, style in (
-        ("ratta_top1", "RA-TTA", "o-"),
-        ("retrieval_top1", "retrieval only", "s--"),
-        ("cupl_top1", "CuPL (zero-shot)", "k:"),
-    ):
-        ax.plot(xs, [r[key] for r in results], style, label=label)
-    ax.set_xlabel(labels[param])
+    for name, ys, errs, style in series:
+        if errs is not None:
+            ax.errorbar(xs, ys, yerr=errs, fmt=style or "o-", capsize=3, label=name)
+        else:
+            ax.plot(xs, ys, style or "o-", label=name)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{dataset}: accuracy against {labels[param]}")
+    ax.set_title(f"{dataset}: accuracy against {xlabel}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
