@@ -17,7 +17,16 @@ import ratta.run
 from ratta.cli import main
 from ratta.files import FeatureReader, load_text
 from ratta.metrics import expected_calibration_error
-from ratta.peers import dmn, dmn_inputs, peer_defaults, shuffled_streams, tda, tda_inputs
+from ratta.peer_stage import DMN_ORACLE_GAMMAS
+from ratta.peers import (
+    correlated_streams,
+    dmn,
+    dmn_inputs,
+    peer_defaults,
+    shuffled_streams,
+    tda,
+    tda_inputs,
+)
 from ratta.provenance import git_commit
 from ratta.summary import format_times
 
@@ -307,3 +316,147 @@ def test_ece_matches_the_definition() -> None:
     )
     perfect = torch.eye(5)
     assert expected_calibration_error(perfect, torch.arange(5)) == 0.0
+
+
+def test_each_part_of_a_cell_is_recomputed_alone_and_says_why(setup) -> None:
+    out = setup["tmp"] / "eval"
+    base = ["eval", "--datasets", "dtd", "--seeds", "0", "--out", str(out), *setup["args"]]
+    peers_only = ["--methods", "cupl", "tda", "dmn_zs"]
+    assert main([*base, *peers_only]) == 0  # no database needed without retrieval, ratta
+    cell = out / "cells" / "dtd" / "seed-0"
+
+    def state() -> tuple[dict, dict]:
+        record = json.loads((cell / "cell.json").read_text())
+        files = {p.name: p.stat().st_mtime_ns for p in cell.glob("*.safetensors")}
+        return record, files
+
+    record, files = state()
+    assert sorted(files) == ["baselines.safetensors", "peers.safetensors"]
+    assert {r["method"] for r in read_csv(out / "results.csv")} == {"cupl", "tda", "dmn_zs"}
+    # another stream count: the peers only
+    assert main([*base, *peers_only, "--streams", "2"]) == 0
+    record, after = state()
+    assert record["computed"] == ["peers"] and record["reason"] == "computed: changed peers.streams"
+    assert after["baselines.safetensors"] == files["baselines.safetensors"]
+    assert after["peers.safetensors"] != files["peers.safetensors"]
+    # RA-TTA asked for: its adaptation only (the database is needed now)
+    argv = [*base, "--db-root", str(setup["dbs"]), "--streams", "2"]
+    assert main(argv) == 0
+    record, files = state()
+    assert record["computed"] == ["adapt", "peers"]  # and ZERO, MTA, BoostAdapter
+    assert "peers.runs.zero" in record["parts"]["peers"]["reason"]
+    assert record["parts"]["adapt"]["reason"] == "computed: not done before"
+    # one of RA-TTA's hyperparameters: the adaptation only
+    assert main([*argv, "--k-s", "3"]) == 0
+    record, after = state()
+    assert record["computed"] == ["adapt"] and record["reason"] == "computed: changed config.k_s"
+    assert after["peers.safetensors"] == files["peers.safetensors"]
+    assert after["predictions.safetensors"] != files["predictions.safetensors"]
+    # a run without RA-TTA keeps what its part computed, for a later run
+    every_peer = ["--methods", "cupl", "zero", "mta", "tda", "boostadapter", "dmn_zs"]
+    assert main([*base, *every_peer, "--streams", "2"]) == 0
+    assert json.loads((out / "results.json").read_text())["cells_reused"] == 1
+    assert main([*argv, "--k-s", "3"]) == 0
+    assert json.loads((out / "results.json").read_text())["cells_reused"] == 1
+
+
+def test_dmn_oracle_on_class_correlated_streams(setup) -> None:
+    out = setup["tmp"] / "eval"
+    argv = ["eval", "--datasets", "dtd", "--seeds", "0", "--out", str(out), *setup["args"]]
+    argv += ["--methods", "dmn_zs", "--dmn-oracle", "--stream-correlation", "0.01"]
+    assert main(argv) == 0
+    rows = read_csv(out / "results.csv")
+    oracle = [r for r in rows if r["method"] == "dmn_zs_oracle"]
+    assert {r["label"] for r in oracle} == {"DMN-ZS (ratta views, oracle gamma, 5 of 32 inputs)"}
+    assert len(oracle) == 6  # 2 classifiers x 3 streams
+    plain = {
+        (r["classifier"], r["stream"]): float(r["top1"]) for r in rows if r["method"] == "dmn_zs"
+    }
+    for r in oracle:  # the grid holds gamma = 1: the oracle is at least as good on its labels
+        assert float(r["top1"]) >= plain[r["classifier"], r["stream"]] - 1e-9
+    cell = out / "cells" / "dtd" / "seed-0"
+    stored = load_file(str(cell / "peers.safetensors"))
+    gammas = stored["dmn_zs_oracle/gamma"]
+    assert gammas.shape == (2, 3) and set(gammas.flatten().tolist()) <= set(DMN_ORACLE_GAMMAS)
+    report = json.loads((out / "results.json").read_text())
+    configs = [r["config"]["gamma"] for r in report["rows"] if r["method"] == "dmn_zs_oracle"]
+    assert configs == gammas.flatten().tolist()
+    streams = correlated_streams(stored["labels"], 0.01, 3, seed=0)
+    assert all(torch.equal(stored[f"order/stream-{k}"], streams[k]) for k in range(3))
+    md = (out / "results.md").read_text()
+    assert "3 class-correlated (Dirichlet gamma = 0.01) streams" in md
+    assert "| DMN-ZS, Δ | |" in md and "oracle gamma: DMN-ZS with gamma picked" in md
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--streams", "0"], "--streams must be >= 1, got 0"),
+        (["--stream-correlation", "nan"], "--stream-correlation must be a finite number > 0"),
+        (["--stream-correlation", "-0.1"], "--stream-correlation must be a finite number > 0"),
+        (["--stream-correlation", "inf"], "--stream-correlation must be a finite number > 0"),
+        (["--methods", "tda", "tent"], "--methods: unknown tent"),
+        (["--methods", "tda", "tda"], "--methods: tda is given twice"),
+        (["--methods", "tda", "--dmn-oracle"], "--dmn-oracle applies to DMN-ZS"),
+        (["--methods", "mta", "--views", "0"], "--views 0: MTA needs at least one view"),
+        (["--methods", "ratta"], "--db-root is needed for retrieval and ratta"),
+    ],
+)
+def test_bad_peer_flags_are_one_line_before_any_work(setup, capsys, extra, message) -> None:
+    out = setup["tmp"] / "eval"
+    argv = ["eval", "--datasets", "dtd", "--out", str(out), *setup["args"], *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ratta: error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_sweep_over_a_peers_hyperparameter_needs_no_database(setup) -> None:
+    out = setup["tmp"] / "sweep"
+    base = ["sweep", "--dataset", "dtd", "--out", str(out), *setup["args"]]
+    assert main([*base, "--param", "dmn_zs.gamma", "--values", "0", "1", "--streams", "2"]) == 0
+    results = json.loads((out / "sweep_dmn_zs.gamma.json").read_text())["results"]
+    assert [(r["value"], r["classifier"]) for r in results] == [
+        (0.0, "paper"),
+        (0.0, "cupl"),
+        (1.0, "paper"),
+        (1.0, "cupl"),
+    ]
+    assert all(r["streams"] == 2 and len(r["top1_per_stream"]) == 2 for r in results)
+    assert len(read_csv(out / "sweep_dmn_zs.gamma.csv")) == 4
+    with Image.open(out / "sweep_dmn_zs.gamma.png") as img:
+        assert img.size == (800, 450)
+    # gamma = 0 is zero-shot on z_0, whatever the stream
+    run = next((out / "runs").glob("dmn_zs.gamma-0.0-*"))
+    stored = load_file(str(run / "peers.safetensors"))
+    text = load_text(next((setup["tmp"] / "cache" / "text").glob("*.safetensors")))
+    reader = FeatureReader(next((setup["tmp"] / "cache" / "features").glob("*.safetensors")))
+    z0 = reader.batch(0, reader.num_images, views=0)[:, 0].float()
+    reader.close()
+    for key, w in (("paper", text.baselines["peer_dmn"]), ("cupl", text.classifier)):
+        p0 = torch.softmax(text.logit_scale * z0 @ w.float().T, dim=-1)
+        for k in range(2):
+            assert torch.allclose(stored[f"dmn_zs/{key}/stream-{k}"], p0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("param", "values", "message"),
+    [
+        ("tda.alpha_pos", ["-1"], "tda.alpha_pos -1 is outside >= 0"),
+        ("zero.gamma", ["0"], "zero.gamma 0 is outside > 0 and <= 1"),
+        ("dmn_zs.memory", ["1.5"], "dmn_zs.memory takes integers, got 1.5"),
+        ("mta.inputs", ["9"], "mta.inputs 9 is outside >= 2 and <= 5 (z_0 and the 4 views"),
+        ("boostadapter.delta", ["nan"], "nan is not a finite number"),
+        ("tda.beta_pos", ["2", "2"], "--values: 2.0 is given twice"),
+        ("tda.nope", ["2"], "--param must be one of k_d"),
+    ],
+)
+def test_peer_sweep_values_are_checked_before_any_work(
+    setup, capsys, param, values, message
+) -> None:
+    out = setup["tmp"] / "sweep"
+    argv = ["sweep", "--dataset", "dtd", "--out", str(out), *setup["args"]]
+    assert main([*argv, "--param", param, "--values", *values]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()

@@ -38,7 +38,7 @@ from ratta.peers import (
     view_logits,
     zero,
 )
-from ratta.peers.common import run_stream
+from ratta.peers.common import confident_order, run_stream
 from ratta.peers.prompts import paper_classifier_prompts
 from ratta.presets import PRESETS
 from ratta.synthetic import make_world
@@ -467,3 +467,20 @@ def test_prepared_inputs_own_their_memory_not_the_batch() -> None:
     for items in prepared:
         for field in items.__dict__.values():
             assert field.untyped_storage().nbytes() == field.numel() * field.element_size()
+
+
+def test_fewer_inputs_than_official_select_at_least_one() -> None:
+    """With few stored views every count the official N keeps positive stays >= 1: MTA's
+    neighbours, TDA's views query and DMN-ZS's pseudo-label are defined (the eval's
+    "N of M inputs" variants); MTA needs a view."""
+    x, w, _ = case(7)
+    x = x[:, :3]  # z_0 and 2 views
+    out = mta(x, w, SCALE, MTAConfig(inputs=3))
+    assert bool(torch.isfinite(out.probs).all())
+    prep = tda_inputs(x, w, SCALE, TDAConfig(query="views", inputs=3))
+    best = confident_order(view_logits(x, w, SCALE))[:, 0]
+    assert torch.equal(prep.query, x[torch.arange(len(x)), best])  # the most confident input
+    dmn_prep = dmn_inputs(x, w, SCALE, DMNConfig(inputs=3))
+    assert bool(torch.isfinite(dmn_prep.entropy).all())
+    with pytest.raises(ValueError, match="at least two inputs"):
+        mta(x[:, :1], w, SCALE, MTAConfig(inputs=1))

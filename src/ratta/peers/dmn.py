@@ -4,8 +4,9 @@ Official code: YBZh/DMN @c6c218c, ``dmn_main.py`` (``DualMem.update_memory_bank`
 ``get_image_pred``, ``direct_inference``), ``clip/fix_clip.py``, ``scripts/run.sh``.
 
 Per image, in stream order, with the N = 32 inputs z_i:
-- pseudo-label: the 3 = floor(0.1 N) inputs of lowest entropy -sum p log(p + 1e-6) give the
-  mean probability pbar; y = argmax pbar, H = -sum pbar log(pbar + 1e-8);
+- pseudo-label: the 3 = floor(0.1 N) inputs (at least one) of lowest entropy
+  -sum p log(p + 1e-6) give the mean probability pbar; y = argmax pbar,
+  H = -sum pbar log(pbar + 1e-8);
 - write (before the read): z_0 goes to class y's memory of ``memory`` slots: appended if
   there is room, else it replaces the highest-entropy slot if H is lower;
 - read: for every class c, the keys k are its stored features and its text feature t_c
@@ -75,7 +76,7 @@ def dmn_inputs(
     logit = first_logits(x, classifier, scale, n, logits)
     p = torch.softmax(logit, dim=-1)
     h = -p.add(1e-6).log_().mul_(p).sum(-1)  # -sum p log(p + 1e-6)
-    k = int(p.shape[1] * config.select)
+    k = max(1, int(p.shape[1] * config.select))  # at least one input when N < 10
     idx = torch.argsort(h, dim=1, stable=True)[:, :k]
     mean = gather_inputs(p, idx).mean(1)
     return DMNInputs(

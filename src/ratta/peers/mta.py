@@ -45,8 +45,8 @@ def mta(
 
     Per image, with inputs z_i (i < N):
     - bandwidth h_i^2 = 1/2 mean of ||z_i - z_j||^2 over its k = floor(0.3 (N - 1)) nearest
-      other inputs (the sorted distances 1..k, the smallest being z_i itself); kernel
-      K_i(m) = exp(-||z_i - m||^2 / (2 h_i^2));
+      other inputs, at least one (the sorted distances 1..k, the smallest being z_i itself);
+      kernel K_i(m) = exp(-||z_i - m||^2 / (2 h_i^2));
     - affinity A_ij = p(z_i)^T p(z_j); inlierness y = 1/N and mode m = z_0 to start;
     - ``rounds`` times: up to ``rounds`` steps y <- softmax_i((K_i(m) + lambda_q (A y)_i) /
       lambda_y) with K at the round's m, then up to ``rounds`` steps
@@ -64,12 +64,14 @@ def mta(
     z = x[:, :n]
     logits = first_logits(x, classifier, scale, n, logits)
     bsz, n, _ = z.shape
+    if n < 2:
+        raise ValueError("MTA needs at least two inputs (z_0 and a view)")
     # The mode is always m = sum_i c_i z_i, so every step works on the coefficients c with the
     # Gram matrix G = Z Z^T: z_i^T m = (G c)_i and ||m||^2 = c^T G c ([N, N] work, not [N, d]).
     gram = torch.bmm(z, z.mT)
     sq = gram.diagonal(dim1=1, dim2=2)
     dist2 = (sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * gram).clamp_min_(0)
-    k = int(config.neighbours * (n - 1))
+    k = max(1, int(config.neighbours * (n - 1)))  # at least one neighbour when N < 5
     two_h2 = dist2.topk(k + 1, dim=2, largest=False).values[:, :, 1:].mean(-1)  # 2 h_i^2
     p = torch.softmax(logits, dim=-1)
     affinity = torch.bmm(p, p.mT)

@@ -129,8 +129,8 @@ def tda_inputs(
     r"""The query, pseudo-label, entropy and negative mask of a batch of images.
 
     "z0": q = z_0, pi = p(z_0), H = H(pi), y = argmax l(z_0). "views": with S the
-    floor(select N) inputs of lowest entropy, q = mean_S z_i, pi = mean_S p(z_i),
-    H = H(pi), y = argmax mean_S l(z_i).
+    floor(select N) inputs (at least one) of lowest entropy, q = mean_S z_i,
+    pi = mean_S p(z_i), H = H(pi), y = argmax mean_S l(z_i).
 
     Args:
         x: [B, N', d] inputs, z_0 first (N' >= N for "views", >= 1 for "z0").
@@ -149,7 +149,7 @@ def tda_inputs(
         )
     n = config.inputs
     logit = first_logits(x, classifier, scale, n, logits)
-    k = int(logit.shape[1] * config.select)
+    k = max(1, int(logit.shape[1] * config.select))  # at least one input when N < 10
     idx = confident_order(logit)[:, :k]
     chosen = gather_inputs(logit, idx)
     log_p = torch.log_softmax(chosen, dim=-1)
