@@ -617,8 +617,9 @@ def evaluate(
                     },
                 )
                 computed += 1
-                names = ", ".join(sorted(todo))
-                say(f"{dataset} seed {seed}: {names} {why}; {format_times(seconds, cell_stages)}")
+                parts_done = ", ".join(sorted(todo))
+                times = format_times(seconds, cell_stages)
+                say(f"{dataset} seed {seed} ({parts_done}): {why}; {times}")
                 rows.extend(cell_rows(folder, dataset, seed, settings.methods))
             except (RattaInputError, OSError, RuntimeError, ValueError) as exc:
                 failed(dataset, seed, exc)
