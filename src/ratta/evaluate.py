@@ -44,6 +44,8 @@ from ratta.guard import Read, Write, claim
 from ratta.identity import changes
 from ratta.metrics import classification_metrics
 from ratta.peer_stage import (
+    CLASSIFIERS,
+    ONLINE,
     PEER_METHODS,
     PEER_PARAMS,
     PEERS_FILE,
@@ -85,6 +87,14 @@ METHODS = {
     "ratta": "RA-TTA",
 }
 ALL_METHODS = (*METHODS, *PEER_METHODS)
+# The classifier of each of RA-TTA's methods and baselines (the peers run on two)
+OWN_CLASSIFIER = {
+    "clip": "single_template",
+    "ensemble": "template_ensemble",
+    "cupl": "cupl",
+    "retrieval": "cupl",
+    "ratta": "cupl",
+}
 ADAPTED = ("retrieval", "ratta")  # the methods that need adaptation, and a database
 # Bumped when a cell's identity rules change (2: content identities of every input; 3: the
 # parts baselines, adapt and peers).
@@ -205,9 +215,7 @@ def cell_rows(
         row = _metrics_row(dataset, seed, method, probs, base["labels"], total)
         row |= {
             "label": METHODS[method],
-            "classifier": {"clip": "single_template", "ensemble": "template_ensemble"}.get(
-                method, "cupl"
-            ),
+            "classifier": OWN_CLASSIFIER[method],
             "stream": None,
             "probabilities": f"{file}:{key}",
         }
@@ -231,9 +239,9 @@ def peer_rows(path: Path, dataset: str, seed: int, total: int) -> list[dict[str,
         labels = f.get_tensor("labels")
         gammas = f.get_tensor("dmn_zs_oracle/gamma") if "dmn_zs_oracle" in info["runs"] else None
         rows = []
-        for classifier_index, classifier in enumerate(("paper", "cupl")):
+        for classifier_index, classifier in enumerate(CLASSIFIERS):
             for key, run in info["runs"].items():
-                online = run["method"] in ("tda", "boostadapter", "dmn_zs")
+                online = run["method"] in ONLINE
                 for stream in range(info["streams"]) if online else [None]:
                     name = tensor_key(key, classifier, stream)
                     row = _metrics_row(dataset, seed, key, f.get_tensor(name), labels, total)
@@ -583,17 +591,14 @@ def evaluate(
                 if "peers" in todo:
                     t0 = time.perf_counter()
                     peer_summary = run_peers(
+                        dataset,
                         features,
                         text,
                         folder / PEERS_FILE,
                         c.runs,
                         peers,
                         seed,
-                        metadata={
-                            "dataset": dataset,
-                            "published_settings": c.identity["peers"]["published_settings"],
-                        },
-                        progress=within(bar, "peers") if bar else False,
+                        progress=within(bar, "peers"),
                     )
                     cell_stages["peers"] = time.perf_counter() - t0
                     parts["peers"] = {
@@ -1262,13 +1267,13 @@ def _peer_sweep(
         for value, s, r, folder in zip(values, settings, runs, folders, strict=True):
             bar = f"{label(progress, 'sweep')} {param}={value}: peers" if progress else False
             run_peers(
+                dataset,
                 inputs.features,
                 inputs.text,
                 folder / PEERS_FILE,
                 r,
                 s,
                 extract.seed,
-                metadata={"dataset": dataset, "published_settings": dataset in PEER_SETTINGS},
                 progress=bar,
             )
             rows = peer_rows(folder / PEERS_FILE, dataset, extract.seed, len(plan.split))

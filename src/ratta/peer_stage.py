@@ -24,7 +24,7 @@ features file's order):
 - with the oracle, ``dmn_zs_oracle/gamma`` [2, K] float64: the gamma picked per classifier
   and stream;
 - metadata ``ratta_peers``: JSON with every run's label, settings and inputs, the streams,
-  the correlation and the seed.
+  the correlation, the seed, the dataset and whether its settings are published.
 """
 
 from __future__ import annotations
@@ -362,6 +362,7 @@ def tensor_key(run: str, classifier: str, stream: int | None) -> str:
 
 
 def run_peers(
+    dataset: str,
     features: str | os.PathLike[str],
     text: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -369,7 +370,6 @@ def run_peers(
     settings: PeerSettings,
     seed: int,
     *,
-    metadata: dict[str, Any] | None = None,
     progress: Progress = False,
 ) -> dict[str, Any]:
     """Compute every run on both classifiers and write ``out`` (see the module docstring).
@@ -422,7 +422,8 @@ def run_peers(
         "correlation": settings.correlation if online else None,
         "seed": seed,
         "dtype": "float32",
-        **(metadata or {}),
+        "dataset": dataset,
+        "published_settings": dataset in CACHE_SETTINGS,
     }
     seconds: dict[str, float] = {}
     gammas = torch.zeros(len(CLASSIFIERS), k, dtype=torch.float64)
