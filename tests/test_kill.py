@@ -105,7 +105,7 @@ def test_ctrl_c_during_extract_leaves_no_partial_file_and_resumes(tiny_clip, tmp
     rng = np.random.default_rng(3)
     folder = tmp_path / "imgs" / "cls"
     folder.mkdir(parents=True)
-    for i in range(4):  # large PNGs decode slowly enough to be interrupted mid-run
+    for i in range(6):  # large PNGs decode slowly enough to be interrupted mid-run
         pixels = rng.integers(0, 256, (800, 800, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{i:02d}.png")
     args = ["extract", "--dataset", "folder", "--data-root", str(tmp_path / "imgs")]
