@@ -17,6 +17,7 @@ from conftest import adapt_args, extract_argv, make_coop_dtd
 from safetensors.torch import load_file
 
 from ratta.cli import main
+from ratta.errors import RattaInputError
 
 
 def one_line(capsys, needle: str) -> None:
@@ -233,3 +234,33 @@ def test_an_adapt_batch_that_cannot_fit_is_refused_with_the_estimate(
     assert main(adapt_args(world_files, out, "--batch-size", "1000000")) == 2
     one_line(capsys, "test images x 13 embeddings x 32 need about")
     assert not out.exists()
+
+
+def test_a_streamed_file_larger_than_the_free_space_is_refused_before_writing(tmp_path) -> None:
+    """1 TiB declared (the peers' or extract's file of a huge run): one line, no file."""
+    import torch
+
+    from ratta.files import SafetensorsStreamWriter
+
+    out = tmp_path / "huge.safetensors"
+    with pytest.raises(RattaInputError, match=r"needs 1024\.00 GiB, its filesystem has .* free"):
+        SafetensorsStreamWriter(out, {"x": (torch.float32, (2**38,))})
+    assert list(tmp_path.iterdir()) == []
+    with SafetensorsStreamWriter(out, {"x": (torch.float32, (4,))}) as writer:
+        writer.write("x", torch.ones(4))
+    assert out.stat().st_size > 16
+
+
+def test_extract_without_room_for_its_files_stops_before_encoding(
+    tiny_clip, tmp_path, monkeypatch, capsys
+) -> None:
+    import ratta.atomic
+
+    root = tmp_path / "data"
+    make_coop_dtd(root)
+    out = tmp_path / "work" / "f.safetensors"
+    room = shutil.disk_usage(tmp_path)._replace(free=4096)  # less than 9 images x 11 rows
+    monkeypatch.setattr(ratta.atomic.shutil, "disk_usage", lambda _: room)
+    assert main(extract_argv(tiny_clip, root, "--views", "10", "--out", str(out))) == 2
+    assert "its filesystem has 0.00 GiB free" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # no chunk, no folder left

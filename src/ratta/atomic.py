@@ -8,10 +8,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ratta.errors import RattaInputError
 
 
 def current_umask() -> int:
@@ -27,6 +30,17 @@ def current_umask() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return umask
+
+
+def check_free_space(path: str | os.PathLike[str], nbytes: int) -> None:
+    """Refuse, before writing, a file of ``nbytes`` that the filesystem of ``path`` cannot
+    hold (a full disk would otherwise stop the write near its end, after the work)."""
+    free = shutil.disk_usage(Path(path).parent).free
+    if nbytes > free:
+        raise RattaInputError(
+            f"{path}: the file needs {nbytes / 1024**3:.2f} GiB, its filesystem has "
+            f"{free / 1024**3:.2f} GiB free"
+        )
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ratta import __version__
+from ratta.atomic import check_free_space
 from ratta.backbones import Backbone, Preprocessing, embed_dim
 from ratta.devices import compute_info, host_buffer, numerics, resolve_device
 from ratta.distributed import ShardReport, ShardStore
@@ -346,6 +347,9 @@ def extract_features(
         check_memory(settings, backbone, batch_size, forward_batch, workers, chunk_size)
     out_path = Path(out)
     n = len(paths)
+    if dim := embed_dim(backbone.spec):  # the chunks and the assembled file, side by side
+        row = (1 + settings.views) * dim * FEATURE_DTYPES[settings.dtype].itemsize + 16
+        check_free_space(out_path, 2 * n * row)
     where = backbone.device if backend is None else torch.device(backend.device)
     compute = compute_info(where, backbone.precision, tf32)
     identity = {

@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ratta.atomic import atomic_path
+from ratta.atomic import atomic_path, check_free_space
 from ratta.errors import RattaInputError
 
 
@@ -94,7 +94,8 @@ class SafetensorsStreamWriter:
 
     The header is computed from the declared shapes up front; tensors are then appended in
     declaration order, each as consecutive pieces along its first dimension. Use inside
-    :func:`atomic_path` so a file is only visible once complete.
+    :func:`atomic_path` so a file is only visible once complete. A file larger than the free
+    space of its filesystem is refused before anything is written.
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class SafetensorsStreamWriter:
             header["__metadata__"] = metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
+        check_free_space(path, 8 + len(raw) + offset)
         self._specs = specs
         self._order = list(specs)
         self._written = dict.fromkeys(specs, 0)
