@@ -264,3 +264,20 @@ def test_extract_without_room_for_its_files_stops_before_encoding(
     assert main(extract_argv(tiny_clip, root, "--views", "10", "--out", str(out))) == 2
     assert "its filesystem has 0.00 GiB free" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # no chunk, no folder left
+
+
+def test_db_import_without_room_for_its_shards_stops_before_writing(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    import ratta.atomic
+
+    src = tmp_path / "emb.npy"
+    np.save(src, np.full((1000, 16), 0.25, dtype=np.float32))  # float32: 64,000 bytes
+    room = shutil.disk_usage(tmp_path)._replace(free=60_000)
+    monkeypatch.setattr(ratta.atomic.shutil, "disk_usage", lambda _: room)
+    out = tmp_path / "dbs" / "web"
+    assert main(["db", "import", str(src), "--quiet", "--out", str(out)]) == 2
+    assert "the file needs 0.00 GiB, its filesystem has 0.00 GiB free" in capsys.readouterr().err
+    assert not (tmp_path / "dbs").exists()
+    room = room._replace(free=70_000)
+    assert main(["db", "import", str(src), "--quiet", "--out", str(out)]) == 0

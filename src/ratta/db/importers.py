@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ratta.atomic import check_free_space
 from ratta.db.index import IndexSettings
 from ratta.db.sources import Source, common_backbone, open_source
 from ratta.db.store import BLOCK_ROWS, Manifest
@@ -77,14 +78,17 @@ def import_database(
     if len(dims) != 1:
         shapes = ", ".join(f"{s.path}: {s.dim}" for s in opened)
         raise RattaInputError(f"sources have different dimensions ({shapes})")
+    dtype = dtype or default_dtype(opened)
+    rows = sum(s.rows for s in opened)
+    check_free_space(out, rows * next(iter(dims)) * np.dtype(dtype).itemsize)
     with DatabaseWriter(
         out,
         dim=dims.pop(),
-        dtype=dtype or default_dtype(opened),
+        dtype=dtype,
         shard_rows=shard_rows,
         backbone=backbone or common_backbone(opened),
     ) as writer:
-        with progress_bar(progress, "import", total=sum(s.rows for s in opened), unit="row") as bar:
+        with progress_bar(progress, "import", total=rows, unit="row") as bar:
             for src in opened:
                 stream_into(writer, src, bar)
         return writer.commit(
