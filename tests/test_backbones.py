@@ -141,3 +141,39 @@ def test_model_config_errors(tmp_path) -> None:
         load_backbone(
             BackboneSpec(model=None, pretrained=None, model_config=str(tmp_path / "missing.json"))
         )
+
+
+def _small_vocab_config(folder, bpe_path: str):
+    """A tiny config whose tokenizer is a 100-merge BPE file named relative to the config."""
+    import gzip
+    import json
+
+    from conftest import TINY_CLIP
+    from open_clip.tokenizer import default_bpe
+
+    with gzip.open(default_bpe(), "rt") as fh:
+        merges = fh.read().split("\n")[:101]
+    (folder / "vocab").mkdir()
+    with gzip.open(folder / "vocab" / "bpe.txt.gz", "wt") as fh:
+        fh.write("\n".join(merges))
+    text_cfg = {**TINY_CLIP["text_cfg"], "vocab_size": 512 + 100 + 2}
+    text_cfg["tokenizer_kwargs"] = {"bpe_path": bpe_path}
+    config = folder / "small-vocab-clip.json"
+    config.write_text(json.dumps({**TINY_CLIP, "text_cfg": text_cfg}))
+    return config
+
+
+def test_a_config_s_tokenizer_file_is_found_beside_the_config(tmp_path, monkeypatch) -> None:
+    config = _small_vocab_config(tmp_path, "vocab/bpe.txt.gz")
+    monkeypatch.chdir("/")
+    bb = load_backbone(BackboneSpec(model=None, pretrained=None, model_config=str(config)))
+    tokens = bb.tokenizer(["a photo of a xylophone"])
+    assert int(tokens.max()) == 613  # end of text: the last id of the small vocabulary
+    assert bb.encode_texts(["a photo of a xylophone"]).shape == (1, 32)
+    assert bb.fingerprint["tokenizer_bpe_path_sha256"]
+
+
+def test_a_missing_tokenizer_file_is_one_error_line(tmp_path) -> None:
+    config = _small_vocab_config(tmp_path, "vocab/missing.txt.gz")
+    with pytest.raises(RattaInputError, match=r"tokenizer file .*missing.txt.gz not found"):
+        load_backbone(BackboneSpec(model=None, pretrained=None, model_config=str(config)))

@@ -127,6 +127,26 @@ def embed_dim(spec: BackboneSpec) -> int | None:
     return int(cfg["embed_dim"]) if cfg and "embed_dim" in cfg else None
 
 
+def tokenizer_files(spec: BackboneSpec) -> dict[str, str]:
+    """The tokenizer files a custom config names, as absolute paths (open_clip's kwargs).
+
+    A config's ``text_cfg.tokenizer_kwargs.bpe_path`` (a BPE merges file for open_clip's
+    ``SimpleTokenizer``, e.g. a smaller vocabulary) is relative to the config's folder, so
+    that a config and its vocabulary can be shipped together.
+    """
+    if not spec.model_config:
+        return {}
+    cfg_path = Path(spec.model_config)
+    cfg = json.loads(cfg_path.read_text())  # resolve_model_name has validated it
+    bpe = ((cfg.get("text_cfg") or {}).get("tokenizer_kwargs") or {}).get("bpe_path")
+    if bpe is None:
+        return {}
+    path = cfg_path.parent / bpe
+    if not path.is_file():
+        raise RattaInputError(f"--model-config {cfg_path}: tokenizer file {path} not found")
+    return {"bpe_path": str(path.resolve())}
+
+
 def backbone_fingerprint(
     spec: BackboneSpec, device: str | torch.device = "cpu", tf32: bool = False
 ) -> dict[str, Any]:
@@ -142,6 +162,8 @@ def backbone_fingerprint(
         fp["tf32"] = True
     if spec.model_config:
         fp["model_config_sha256"] = cached_file_hash(spec.model_config)
+        for key, path in tokenizer_files(spec).items():
+            fp[f"tokenizer_{key}_sha256"] = cached_file_hash(path)
     if spec.pretrained and Path(spec.pretrained).is_file():
         fp["checkpoint_sha256"] = cached_file_hash(spec.pretrained)
     else:
@@ -301,6 +323,7 @@ def load_backbone(
     encoder = torch.device(runs_on) if runs_on is not None else dev
     check_precision(spec, encoder)
     name = resolve_model_name(spec)
+    tokenizer_kwargs = tokenizer_files(spec)
     kwargs: dict[str, Any] = {}
     pretrained = spec.pretrained
     if pretrained and Path(pretrained).is_file():
@@ -344,7 +367,7 @@ def load_backbone(
     fp["preprocessing"] = asdict(pre)
     return Backbone(
         model=model,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=open_clip.get_tokenizer(name, **tokenizer_kwargs),
         preprocessing=pre,
         spec=spec,
         device=dev,
