@@ -1,4 +1,4 @@
-"""`ratta demo`: the offline synthetic run behind `make demo`."""
+"""`ratta demo --embeddings`: the offline synthetic run (the world demo: tests/test_world.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from ratta.cli import main
 
 
 def test_demo_writes_real_files_and_reports_both_accuracies(tmp_path, capsys) -> None:
-    assert main(["demo", "--dir", str(tmp_path)]) == 0
+    assert main(["demo", "--embeddings", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "SYNTHETIC" in out and "zero-shot" in out and "RA-TTA" in out
     summary = json.loads((tmp_path / "predictions.safetensors.json").read_text())
