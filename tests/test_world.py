@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -19,7 +20,14 @@ from ratta.errors import RattaInputError
 from ratta.text import load_descriptions, match_descriptions
 from ratta.world.demo import plan, run_world_demo, step_keys
 from ratta.world.draw import render
-from ratta.world.model import MODEL_CONFIG, WEIGHTS, backbone_spec
+from ratta.world.model import (
+    MERGES,
+    MODEL_CONFIG,
+    VOCABULARY,
+    WEIGHTS,
+    backbone_spec,
+    vocabulary_bytes,
+)
 from ratta.world.scenes import SHIFTS
 from ratta.world.train import TrainSettings, train
 from ratta.world.vocabulary import CLASS_NAMES, CLASSES
@@ -295,3 +303,10 @@ def test_explain_on_the_world_draws_the_rows_the_engine_retrieved(demo):
     assert [r["row"] for r in first["candidates"][0]["retrieved"]] == (
         pred["retrieved"][first["row"], slot].tolist()
     )
+
+
+def test_the_shipped_vocabulary_is_open_clips_cut_after_its_first_merges():
+    assert VOCABULARY.read_bytes() == vocabulary_bytes()
+    merges = gzip.decompress(VOCABULARY.read_bytes()).decode().split("\n")[1:]
+    vocab = json.loads(MODEL_CONFIG.read_text())["text_cfg"]["vocab_size"]
+    assert len(merges) == MERGES and vocab == 2 * 256 + MERGES + 2

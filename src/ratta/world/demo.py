@@ -27,7 +27,7 @@ from ratta import __version__
 from ratta.atomic import write_json, write_text_atomic
 from ratta.errors import RattaInputError
 from ratta.identity import file_sha256, key_of
-from ratta.world.model import MODEL_CONFIG, PACKAGE, WEIGHTS
+from ratta.world.model import MODEL_CONFIG, PACKAGE, VOCABULARY, WEIGHTS
 from ratta.world.write import WORLD_VERSION, WorldSettings, read_manifest, write_world
 
 MARKER = "ratta-world-demo.json"
@@ -75,7 +75,7 @@ def plan(
     images = world / "test" / "images"
     data = ["--dataset", "folder", "--data-root", str(images)]
     model = ["--model-config", str(MODEL_CONFIG), "--pretrained", str(weights)]
-    model_files = [weights, MODEL_CONFIG, PACKAGE / "ratta-world-bpe.txt.gz"]
+    model_files = [weights, MODEL_CONFIG, VOCABULARY]
     world_file = world / "world.json"
     descriptions = world / manifest["descriptions"]
     corpus, db, explained = run / "corpus-db", run / "db", run / "explain"
@@ -274,7 +274,7 @@ def run_world_demo(
     for old in root.glob("world-*"):
         if old != world:  # another world of this demo folder: settings or generator changed
             _remove(old)
-    print(f"ratta world demo in {root} ($DEMO); model files in {PACKAGE} ($WORLD)", flush=True)
+    print(f"world demo in {root} ($DEMO), model in {PACKAGE} ($WORLD)", flush=True)
     made = write_world(world, settings, workers=workers)
     print(
         f"world: {len(made['classes'])} classes, {made['corpus']['images']} captioned web "

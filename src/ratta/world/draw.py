@@ -150,7 +150,9 @@ def _transform(points: tuple, scene: Scene, s: int) -> list[tuple[float, float]]
     ]
 
 
-def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, n: int, s: int, big: bool):
+def _clutter(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, n: int, s: int, big: bool
+) -> None:
     for _ in range(n):
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         x, y = rng.uniform(0, s, 2)
