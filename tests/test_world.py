@@ -146,18 +146,6 @@ def test_the_world_vocabulary_tokenises_any_text_within_the_model(world_backbone
     assert int(tokens.max()) < vocab
 
 
-def test_corpus_shards_build_a_database_that_caption_selection_reads(small_world, tmp_path):
-    from ratta.db.build import build_database
-    from ratta.db.select import select_by_caption
-
-    backbone = load_backbone(backbone_spec(None))
-    shards = sorted((small_world / "corpus").glob("*.tar"))
-    manifest, _ = build_database(shards, backbone, tmp_path / "corpus-db", workers=0)
-    assert manifest.count == SMALL.corpus_size
-    selected = select_by_caption([tmp_path / "corpus-db"], CLASS_NAMES, tmp_path / "db")
-    assert 0 < selected.count <= SMALL.corpus_size
-
-
 def _pictures(n: int) -> tuple[torch.Tensor, list[str]]:
     items = [corpus_item(SMALL, i) for i in range(n)]
     pixels = [np.asarray(render(it.scene)) for it in items]

@@ -5,7 +5,8 @@
 - :mod:`ratta.world.scenes`: corpus and shifted test scenes, captions, CuPL descriptions;
 - :mod:`ratta.world.write`: the world on disk (corpus shards, test split, descriptions);
 - :mod:`ratta.world.model`: the shipped CLIP (config, vocabulary, weights);
-- :mod:`ratta.world.train`: how the weights were trained (``python -m ratta.world.train``).
+- :mod:`ratta.world.train`: how the weights were trained (``benchmarks/train_world.py``);
+- :mod:`ratta.world.demo`: ``ratta demo``, ratta's commands on the world, cached by content.
 
 See docs/world.md.
 """

@@ -6,7 +6,8 @@ loss (:class:`open_clip.ClipLoss`) on the corpus pictures and their captions, as
 from the written shards, and saved as a float16 safetensors state dict. Augmentation is a
 random resized crop (scale 0.4-1) and a horizontal flip, done for a whole batch at once
 with ``roi_align``. With the same seed, settings and thread count the weights are the same
-bytes (one thread by default: on a shared machine it is also the fastest).
+tensors (the file's metadata records the run's times; one thread by default: on a shared
+machine it is also the fastest).
 """
 
 from __future__ import annotations
