@@ -230,6 +230,13 @@ def test_a_changed_setting_changes_the_keys_of_the_steps_that_depend_on_it(demo)
     assert changed == {"extract", "adapt", "explain"}
 
 
+@pytest.mark.parametrize("flag", ["--views", "--explain", "--workers"])
+def test_a_bad_demo_setting_is_one_line_before_any_work(tmp_path, capsys, flag):
+    assert main(["demo", "--dir", str(tmp_path / "d"), flag, "-1"]) == 2
+    assert f"ratta: error: {flag} must be >=" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
 def test_the_demo_keeps_out_of_a_folder_that_is_not_its_own(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(RattaInputError, match="not a ratta world demo folder"):

@@ -263,6 +263,10 @@ def run_world_demo(
 
     Writes ``results.json`` (the figures, the commands, the seconds) into ``folder``.
     """
+    bounds = {"--views": (views, 1), "--workers": (workers, 0), "--explain": (explain, 1)}
+    for name, (value, least) in bounds.items():
+        if value < least:
+            raise RattaInputError(f"{name} must be >= {least}, got {value}")
     settings = settings or WorldSettings()
     root = Path(folder) if folder is not None else default_folder()
     weights = Path(weights)
