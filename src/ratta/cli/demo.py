@@ -29,13 +29,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="keep the files here (default: <ratta cache>/world-demo; with --embeddings: temp)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated world (0)")
     p.add_argument(
-        "--weights", default=None, help="the world CLIP's weights (default: the shipped ones)"
+        "--seed", type=int, default=0, help="seed of the generated world or embeddings (0)"
     )
-    p.add_argument("--views", type=int, default=32, help="random views per test picture (32)")
-    p.add_argument("--workers", type=int, default=2, help="generation and decoding workers (2)")
-    p.add_argument("--explain", type=int, default=6, help="changed pictures to explain (6)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="the world CLIP's weights (default: the shipped ones; not with --embeddings)",
+    )
+    p.add_argument(
+        "--views",
+        type=int,
+        default=32,
+        help="random views per test picture (32; not with --embeddings)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="generation and decoding workers (2; not with --embeddings)",
+    )
+    p.add_argument(
+        "--explain",
+        type=int,
+        default=6,
+        help="changed pictures to explain (6; not with --embeddings)",
+    )
     # the demo runs ratta's own commands: their parsers, filled as the groups register
     p.set_defaults(commands=sub.choices)
 
