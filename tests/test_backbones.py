@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import open_clip
 import pytest
@@ -41,6 +43,32 @@ def test_local_checkpoint_loads_the_saved_weights(tiny_clip) -> None:
     assert bb.logit_scale == pytest.approx(float(ref.logit_scale.detach().exp()))
     assert bb.preprocessing.size == 32 and bb.preprocessing.interpolation == "bicubic"
     assert bb.fingerprint["checkpoint_sha256"] and bb.fingerprint["model"] == "tiny-clip"
+
+
+def test_every_checkpoint_format_loads_and_other_files_are_named(tiny_clip, tmp_path) -> None:
+    """Legacy pickles and safetensors load like the zip checkpoint; a text, empty or other
+    file is one line saying what it is (open_clip's own errors name none of them)."""
+    from safetensors.torch import save_file
+
+    state = torch.load(tiny_clip["checkpoint"])
+    legacy, st = tmp_path / "legacy.pt", tmp_path / "w.safetensors"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(st))
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = load_backbone(spec(tiny_clip)).encode_images(pixels)
+    for path in (legacy, st):
+        loaded = load_backbone(replace(spec(tiny_clip), pretrained=str(path)))
+        torch.testing.assert_close(loaded.encode_images(pixels), expected)
+    cases = {
+        "notes.txt": (b"weights\n", "a text file, not a checkpoint"),
+        "empty.pt": (b"", "an empty file (0 bytes)"),
+        "noise.bin": (bytes(range(200, 256)), "not a checkpoint (neither safetensors nor"),
+    }
+    for name, (content, needle) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        bad = replace(spec(tiny_clip), pretrained=str(tmp_path / name))
+        with pytest.raises(RattaInputError, match=re.escape(f"{tmp_path / name}: {needle}")):
+            load_backbone(bad)
 
 
 def _openai_style_archive(state: dict[str, torch.Tensor], path) -> None:

@@ -230,7 +230,7 @@ def test_a_changed_setting_changes_the_keys_of_the_steps_that_depend_on_it(demo)
     assert changed == {"extract", "adapt", "explain"}
 
 
-@pytest.mark.parametrize("flag", ["--views", "--explain", "--workers"])
+@pytest.mark.parametrize("flag", ["--views", "--explain", "--workers", "--seed"])
 def test_a_bad_demo_setting_is_one_line_before_any_work(tmp_path, capsys, flag):
     assert main(["demo", "--dir", str(tmp_path / "d"), flag, "-1"]) == 2
     assert f"ratta: error: {flag} must be >=" in capsys.readouterr().err

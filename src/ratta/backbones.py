@@ -71,6 +71,25 @@ def _is_openai_archive(path: Path) -> bool:
         return any(name.endswith("constants.pkl") for name in zf.namelist())
 
 
+def checkpoint_kind(path: Path) -> str | None:
+    """What a local weights file is, from its first bytes: ``None`` for a file open_clip can
+    read (a torch zip or TorchScript archive, a pickle, a safetensors file), else what it
+    is instead, for the error line."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return None
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        return None  # safetensors: an 8-byte header size, then the JSON header
+    if not head:
+        return "an empty file (0 bytes)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not a checkpoint (neither safetensors nor a torch file)"
+    return "a text file, not a checkpoint"
+
+
 def resolve_model_name(spec: BackboneSpec) -> str:
     """The open_clip name of the architecture, registering ``model_config`` if given."""
     import open_clip
@@ -327,6 +346,8 @@ def load_backbone(
     kwargs: dict[str, Any] = {}
     pretrained = spec.pretrained
     if pretrained and Path(pretrained).is_file():
+        if kind := checkpoint_kind(Path(pretrained)):
+            raise RattaInputError(f"--pretrained {pretrained}: {kind}")
         if _is_openai_archive(Path(pretrained)):
             kwargs["force_quick_gelu"] = True  # every OpenAI CLIP model uses QuickGELU
             kwargs["weights_only"] = False  # TorchScript archives hold code, not only tensors

@@ -65,6 +65,8 @@ class WorldSettings:
     shard_size: int = 4000
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise RattaInputError(f"--seed must be >= 0, got {self.seed}")
         for name in ("corpus_size", "test_per_class", "image_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise RattaInputError(f"{name} must be >= 1, got {getattr(self, name)}")
