@@ -460,3 +460,14 @@ def test_peer_sweep_values_are_checked_before_any_work(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_streams_whose_outputs_cannot_fit_on_disk_fail_the_cell_in_one_line(setup) -> None:
+    """A billion streams: refused by the size of peers.safetensors (before the orders are
+    drawn, which alone would exhaust memory); the cell's failure names it."""
+    out = setup["tmp"] / "eval"
+    argv = ["eval", "--datasets", "dtd", "--out", str(out), *setup["args"]]
+    assert main([*argv, "--methods", "cupl", "tda", "--streams", "1000000000"]) == 1
+    failures = json.loads((out / "results.json").read_text())["failures"]
+    assert failures and all("GiB, its filesystem has" in f["error"] for f in failures)
+    assert all(f["error"].endswith("free") and "peers.safetensors" in f["error"] for f in failures)

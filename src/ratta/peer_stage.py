@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ratta.atomic import check_free_space
 from ratta.errors import RattaInputError
 from ratta.files import FeatureReader, SafetensorsStreamWriter, atomic_path, load_text
 from ratta.peers import (
@@ -395,20 +396,20 @@ def run_peers(
         raise RattaInputError(f"{features}: {views} views, fewer than the peers' inputs need")
     k = settings.streams
     online = any(r.online for r in runs)
-    if settings.correlation is None:
-        orders = shuffled_streams(n, k, seed) if online else []
-    else:
-        orders = correlated_streams(labels, settings.correlation, k, seed) if online else []
+    streams = k if online else 0
     c = txt.num_classes
     oracle = any(r.key == "dmn_zs_oracle" for r in runs)
-    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {"labels": (torch.int64, (n,))}
-    specs |= {f"order/stream-{i}": (torch.int64, (n,)) for i in range(len(orders))}
     passes = _passes(runs, txt.baselines, txt.classifier)
+    # the data's size first: a huge K is refused before its tensors are even listed
+    outputs = sum(len(p.runs) + (streams - 1) * sum(r.online for r in p.runs) for p in passes)
+    check_free_space(out, 8 * n * (1 + streams) + 4 * n * c * outputs + 16 * k * oracle)
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {"labels": (torch.int64, (n,))}
+    specs |= {f"order/stream-{i}": (torch.int64, (n,)) for i in range(streams)}
     for p in passes:  # the file's order is the order of computation
         p.keys = [tensor_key(run.key, p.classifier, None) for run in p.runs if not run.online]
         p.keys += [
             tensor_key(run.key, p.classifier, i)
-            for i in range(len(orders))
+            for i in range(streams)
             for run in p.runs
             if run.online
         ]
@@ -427,13 +428,17 @@ def run_peers(
     }
     seconds: dict[str, float] = {}
     gammas = torch.zeros(len(CLASSIFIERS), k, dtype=torch.float64)
-    steps = sum(len(orders) * sum(r.online for r in p.runs) for p in passes)
+    steps = sum(streams * sum(r.online for r in p.runs) for p in passes)
     total = len(passes) * math.ceil(n / BATCH) + steps
     with (
         progress_bar(progress, "peers", total=total, unit="step") as bar,
         atomic_path(out) as tmp,
         SafetensorsStreamWriter(tmp, specs, {"ratta_peers": json.dumps(info)}) as writer,
     ):
+        if settings.correlation is None:
+            orders = shuffled_streams(n, streams, seed)
+        else:
+            orders = correlated_streams(labels, settings.correlation, streams, seed)
         writer.write("labels", labels)
         for i, order in enumerate(orders):
             writer.write(f"order/stream-{i}", order)
