@@ -23,6 +23,7 @@ from torch import Tensor
 from ratta.devices import resolve_device
 from ratta.errors import RattaInputError
 from ratta.guard import Read
+from ratta.identity import file_kind
 from ratta.identity import file_sha256 as cached_file_hash
 from ratta.identity import sha256_file as sha256_file
 
@@ -71,23 +72,19 @@ def _is_openai_archive(path: Path) -> bool:
         return any(name.endswith("constants.pkl") for name in zf.namelist())
 
 
+_NOT_CHECKPOINT = {
+    "empty": "an empty file (0 bytes)",
+    "text": "a text file, not a checkpoint",
+    "binary": "not a checkpoint (neither safetensors nor a torch file)",
+}
+
+
 def checkpoint_kind(path: Path) -> str | None:
-    """What a local weights file is, from its first bytes: ``None`` for a file open_clip can
-    read (a torch zip or TorchScript archive, a pickle, a safetensors file), else what it
-    is instead, for the error line."""
+    """What a local weights file is instead of a checkpoint, for the error line; ``None``
+    for a file open_clip can read (a torch zip or TorchScript archive, a pickle, a
+    safetensors file)."""
     with open(path, "rb") as fh:
-        head = fh.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return None
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
-        return None  # safetensors: an 8-byte header size, then the JSON header
-    if not head:
-        return "an empty file (0 bytes)"
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return "not a checkpoint (neither safetensors nor a torch file)"
-    return "a text file, not a checkpoint"
+        return _NOT_CHECKPOINT.get(file_kind(fh.read(9)))
 
 
 def resolve_model_name(spec: BackboneSpec) -> str:

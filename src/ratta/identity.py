@@ -73,19 +73,30 @@ def sampled_sha256(path: str | os.PathLike[str], size: int) -> str:
     return h.hexdigest()
 
 
-def _not_npy(head: bytes) -> str:
-    """What a file that is not a ``.npy`` array is, for the error line."""
+def file_kind(head: bytes) -> str:
+    """What a file is from its first bytes (9 tell a safetensors file): ``empty``,
+    ``pickle``, ``zip``, ``safetensors``, ``text`` or ``binary``."""
     if not head:
-        return "is empty (0 bytes), not a .npy array"
+        return "empty"
     if head[:1] == b"\x80" or head[:2] in (b"(d", b"(l", b"}q", b"]q"):
-        return "is a Python pickle, not a .npy array (import pickles with 'ratta db import')"
+        return "pickle"
     if head[:2] == b"PK":
-        return "is a zip archive (.npz?), not a .npy array"
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        return "safetensors"  # an 8-byte header size, then the JSON header
     try:
         head.decode("utf-8")
     except UnicodeDecodeError:
-        return "is not a .npy array (no NUMPY header)"
-    return "is a text file, not a .npy array"
+        return "binary"
+    return "text"
+
+
+_NOT_NPY = {
+    "empty": "is empty (0 bytes), not a .npy array",
+    "pickle": "is a Python pickle, not a .npy array (import pickles with 'ratta db import')",
+    "zip": "is a zip archive (.npz?), not a .npy array",
+    "text": "is a text file, not a .npy array",
+}
 
 
 def read_npy_header(path: str | os.PathLike[str]) -> tuple[tuple[int, ...], Any, bool]:
@@ -114,7 +125,8 @@ def read_npy_header(path: str | os.PathLike[str]) -> tuple[tuple[int, ...], Any,
     except ValueError as exc:
         raise RattaInputError(f"{p}: malformed .npy header ({exc})") from None
     if version is None:
-        raise RattaInputError(f"{p}: {_not_npy(head)}")
+        kind = _NOT_NPY.get(file_kind(head), "is not a .npy array (no NUMPY header)")
+        raise RattaInputError(f"{p}: {kind}")
     if read is None:
         raise RattaInputError(f"{p}: .npy format version {version} is not supported")
     if dtype.hasobject:
